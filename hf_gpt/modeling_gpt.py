@@ -1,0 +1,383 @@
+"""The GPT family (GPT-1, GPT-2, GPT-3 style) as a native transformers model.
+
+Reads top to bottom: attention, MLP, block, GPTPreTrainedModel, GPTModel, GPTForCausalLM.
+Parameter names follow OpenAI's GPT-2 (`wte`, `wpe`, `h.N.attn.c_attn`, `ln_f`, ...), stored as
+`nn.Linear` (out, in); GPT-2's `Conv1D` checkpoints are (in, out), so loading them is a key copy plus a
+transpose (see `conversion.py`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import logging
+
+from .configuration_gpt import GPTConfig
+
+logger = logging.get_logger(__name__)
+
+# transformers renamed the outputs' `past_key_values` field to `cache` in 5.24; follow whichever is installed.
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+_ACTIVATIONS = {
+    "gelu_new": lambda: nn.GELU(approximate="tanh"),  # GPT-2's (and GPT-1's released code's) tanh GELU
+    "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
+    "gelu": nn.GELU,
+    "relu": nn.ReLU,
+    "silu": nn.SiLU,
+    "swish": nn.SiLU,
+}
+
+
+class AttentionMasks:
+    """Builds, once per forward and per kind, the boolean masks (True = may attend) the blocks share.
+
+    Query i (0-based within this call) sits at cache slot `past + i`; key j at slot j. A key is visible
+    when it is not in the future, is not padding, and, for "local" layers, lies within the window.
+    Returns None where SDPA's own `is_causal` path gives the same result (no padding, no past, global).
+    """
+
+    def __init__(self, key_padding: torch.Tensor | None, past: int, q_len: int, window: int) -> None:
+        self.key_padding = key_padding  # (B, past + T) bool, or None when nothing is padded
+        self.past, self.q_len, self.window = past, q_len, window
+        self._built: dict[tuple[str, int], torch.Tensor | None] = {}
+
+    def get(self, kind: str, k_len: int, device: torch.device) -> torch.Tensor | None:
+        key = (kind, k_len)
+        if key not in self._built:
+            self._built[key] = self._build(kind, k_len, device)
+        return self._built[key]
+
+    def _build(self, kind: str, k_len: int, device: torch.device) -> torch.Tensor | None:
+        T = self.q_len
+        if self.key_padding is None and self.past == 0 and k_len == T and (kind == "global" or self.window >= T):
+            return None
+        q_slot = torch.arange(self.past, self.past + T, device=device)[:, None]  # (T, 1)
+        k_slot = torch.arange(k_len, device=device)[None, :]  # (1, Tk)
+        mask = k_slot <= q_slot
+        if kind == "local":
+            mask = mask & (q_slot - k_slot < self.window)
+        mask = mask[None, None]  # (1, 1, T, Tk)
+        if self.key_padding is not None:
+            pad = self.key_padding
+            if pad.shape[1] < k_len:  # a static cache is longer than the tokens seen so far
+                pad = F.pad(pad, (0, k_len - pad.shape[1]), value=False)
+            mask = mask & pad[:, None, None, :k_len]  # (B, 1, T, Tk)
+            # A query that is itself padding sees nothing; let it see itself so softmax stays finite.
+            # Its output is never used, and real tokens never attend to it.
+            mask = mask | (q_slot == k_slot)[None, None]
+        return mask
+
+
+class GPTAttention(nn.Module):
+    """Multi-head causal self-attention, dense or locally banded."""
+
+    def __init__(self, config: GPTConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.n_head, self.head_dim = config.n_head, config.head_dim
+        self.kind = config.layer_attention(layer_idx)
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.attn_dropout = nn.Dropout(config.attn_pdrop)
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        masks: AttentionMasks,
+        cache: Cache | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        if cache is not None:
+            # The slot positions are passed for caches (static ones on older transformers) that need them.
+            slots = torch.arange(masks.past, masks.past + T, device=x.device)
+            k, v = cache.update(k, v, self.layer_idx, {"cache_position": slots})  # (B, nh, Tk, hs)
+        mask = masks.get(self.kind, k.shape[2], x.device)  # (B|1, 1, T, Tk) or None = plain causal
+
+        dropout = self.config.attn_pdrop if self.training else 0.0
+        weights = None
+        if output_attentions or self.config._attn_implementation == "eager":
+            # Written out so the attention probabilities can be returned.
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, nh, T, Tk)
+            if mask is None:
+                mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril()
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+            weights = self.attn_dropout(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
+            y = weights @ v  # (B, nh, T, hs)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): heads side by side again
+        return self.resid_dropout(self.c_proj(y)), weights
+
+
+class GPTMLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        inner = config.n_inner or 4 * config.n_embd
+        self.c_fc = nn.Linear(config.n_embd, inner)
+        self.act = _ACTIVATIONS[config.activation_function]()
+        self.c_proj = nn.Linear(inner, config.n_embd)
+        self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+class GPTBlock(GradientCheckpointingLayer):
+    """One transformer block. GPT-2/3 normalise before each sub-layer ("pre"), GPT-1 after the residual add ("post")."""
+
+    def __init__(self, config: GPTConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.pre_norm = config.norm_position == "pre"
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = GPTAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = GPTMLP(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        masks: AttentionMasks,
+        cache: Cache | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.pre_norm:
+            a, weights = self.attn(self.ln_1(x), masks, cache, output_attentions)
+            x = x + a
+            x = x + self.mlp(self.ln_2(x))
+        else:
+            a, weights = self.attn(x, masks, cache, output_attentions)
+            x = self.ln_1(x + a)
+            x = self.ln_2(x + self.mlp(x))
+        return x, weights
+
+
+class GPTPreTrainedModel(PreTrainedModel):
+    config_class = GPTConfig
+    config: GPTConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["GPTBlock"]
+    _supports_sdpa = True
+    _supports_cache_class = True
+    _supports_static_cache = True
+    # Old GPT-2 / GPT-1 checkpoints carry causal-mask buffers; masks are built on the fly here.
+    _keys_to_ignore_on_load_unexpected = [r"\.attn\.bias$", r"\.attn\.masked_bias$"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        if isinstance(module, (GPTAttention, GPTMLP)):
+            # GPT-2 paper, sec. 2.3: scale the residual projections by 1/sqrt(N), N = 2 residual adds per block.
+            nn.init.normal_(module.c_proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """Load our own folders as usual, and also GPT-2 / OpenAI-GPT checkpoints (converted on the fly)."""
+        from .conversion import foreign_checkpoint_to_ours  # conversion imports this module
+
+        converted = foreign_checkpoint_to_ours(pretrained_model_name_or_path, kwargs)
+        if converted is None:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        config, state_dict = converted
+        if model_args or isinstance(kwargs.get("config"), GPTConfig):
+            config = kwargs.pop("config", config)
+        else:
+            kwargs.pop("config", None)
+        return super().from_pretrained(None, *model_args, config=config, state_dict=state_dict, **kwargs)
+
+
+class GPTModel(GPTPreTrainedModel):
+    """The transformer without a head: token + position embeddings, blocks, optional final LayerNorm."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__(config)
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList([GPTBlock(config, i) for i in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon) if config.final_norm else nn.Identity()
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.wte
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.wte = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """
+        Args:
+            input_ids: (B, T) token ids; only the new tokens when `cache` holds the earlier ones.
+            attention_mask: (B, past + T), 1 for real tokens and 0 for padding (left or right).
+            position_ids: (B, T); by default derived from `attention_mask` (so left padding is harmless),
+                else `past + arange(T)`.
+            cache: a transformers `Cache` (dynamic or static) holding the keys/values of earlier tokens.
+                `past_key_values` is accepted as its older name.
+            inputs_embeds: (B, T, C) instead of `input_ids`.
+        Returns:
+            `BaseModelOutputWithPast` with `last_hidden_state` (B, T, C), the cache, and optionally
+            `hidden_states` (n_layer + 1 of (B, T, C)) and `attentions` (n_layer of (B, nh, T, Tk)).
+        """
+        cfg = self.config
+        cache = cache if cache is not None else past_key_values
+        output_attentions = output_attentions if output_attentions is not None else cfg.output_attentions
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else cfg.output_hidden_states
+        use_cache = use_cache if use_cache is not None else (cfg.use_cache and not self.training)
+        if self.gradient_checkpointing and self.training and use_cache:
+            use_cache = False  # recomputation would write the cache twice
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        if inputs_embeds is None:
+            inputs_embeds = self.wte(input_ids)
+        B, T = inputs_embeds.shape[:2]
+        if use_cache and cache is None:
+            cache = DynamicCache(config=cfg)
+        past = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None and past + T > cfg.n_positions:
+            raise ValueError(
+                f"Input of {past + T} tokens (including {past} cached) is longer than the model's {cfg.n_positions} "
+                "positions (config.n_positions). Crop the input to its last n_positions tokens, or evaluate long "
+                "texts with a sliding window (`hf-gpt eval-ppl --stride`)."
+            )
+
+        key_padding = None
+        if attention_mask is not None:
+            key_padding = attention_mask.bool()
+            if key_padding.all():
+                key_padding = None  # all ones: the fast causal path applies
+        if position_ids is None:
+            if key_padding is not None:
+                # Count only real tokens, so a left-padded row gets the positions it would have alone.
+                position_ids = (key_padding.long().cumsum(-1) - 1).clamp(min=0)[:, past : past + T]
+            else:
+                position_ids = torch.arange(past, past + T, device=inputs_embeds.device)[None]  # (1, T)
+        x = self.drop(inputs_embeds + self.wpe(position_ids))  # (B, T, C)
+        masks = AttentionMasks(key_padding, past, T, cfg.local_window)
+
+        all_hidden = () if output_hidden_states else None
+        all_attn = () if output_attentions else None
+        for block in self.h:
+            if output_hidden_states:
+                all_hidden += (x,)
+            x, weights = block(x, masks, cache, output_attentions)
+            if output_attentions:
+                all_attn += (weights,)
+        x = self.ln_f(x)
+        if output_hidden_states:
+            all_hidden += (x,)
+        out = BaseModelOutputWithPast(
+            last_hidden_state=x,
+            hidden_states=all_hidden,
+            attentions=all_attn,
+            **{_CACHE_FIELD: cache if use_cache else None},
+        )
+        return out if return_dict is not False else out.to_tuple()
+
+
+class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
+    """GPTModel with a language-model head (tied to the input embedding by default)."""
+
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__(config)
+        self.transformer = GPTModel(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """
+        Args:
+            As `GPTModel.forward`, plus
+            labels: (B, T) targets; the model shifts them by one. -100 is ignored.
+            logits_to_keep: compute logits only for the last `n` positions (0 = all), or for the
+                positions a 1-D index tensor names.
+            **kwargs: handed to the loss (Trainer's `num_items_in_batch` makes gradient accumulation exact).
+        Returns:
+            `CausalLMOutputWithPast` with `logits` (B, T', vocab_size) and `loss` when labels are given.
+        """
+        out = self.transformer(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache if cache is not None else past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        h = out.last_hidden_state  # (B, T, C)
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(h[:, keep, :])  # (B, T', vocab)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
+        result = CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+            **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)},
+        )
+        return result if return_dict is not False else result.to_tuple()
+
+    @staticmethod
+    def create_masks_for_generate(attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
+        """generate() would turn the 2-D mask into a 4-D one for static caches; our forward builds its own."""
+        return attention_mask
+
+
+__all__ = ["GPTPreTrainedModel", "GPTModel", "GPTForCausalLM"]

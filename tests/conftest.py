@@ -1,0 +1,90 @@
+"""Shared fixtures: reference checkpoints made here with transformers' own GPT-2 / OpenAI-GPT classes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Tests never reach the Hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def sharpen_attention(model: torch.nn.Module, factor: float = 6.0) -> None:
+    """Scale the query and key projections so attention is peaked: random 0.02-std weights give nearly
+    uniform attention, under which a wrong mask or position barely moves the output."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("attn.c_attn.weight"):
+                C = p.shape[0]  # Conv1D (in, out): the first 2*C output columns are q and k
+                p[:, : 2 * C] *= factor
+            elif name.endswith("attn.c_attn.bias"):
+                p.normal_(0.0, 0.5)
+
+
+def train_briefly(model: torch.nn.Module, vocab_size: int, steps: int = 40, seq: int = 24) -> None:
+    """A few Adam steps on sequences that follow a fixed random permutation (next = perm[current]),
+    so the model makes confident, varied predictions that depend on the context."""
+    g = torch.Generator().manual_seed(1234)
+    perm = torch.randperm(vocab_size, generator=g)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        ids = torch.empty(8, seq, dtype=torch.long)
+        ids[:, 0] = torch.randint(0, vocab_size, (8,), generator=g)
+        for t in range(1, seq):
+            ids[:, t] = perm[ids[:, t - 1]]
+        loss = model(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+def make_gpt2(tmp_path_factory, **overrides):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    kwargs = dict(vocab_size=128, n_positions=64, n_embd=64, n_layer=3, n_head=4, initializer_range=0.1)
+    kwargs.update(overrides)
+    kwargs.setdefault("bos_token_id", kwargs["vocab_size"] - 1)
+    kwargs.setdefault("eos_token_id", kwargs["vocab_size"] - 1)
+    ref = GPT2LMHeadModel(GPT2Config(**kwargs)).eval()
+    sharpen_attention(ref)
+    train_briefly(ref, kwargs["vocab_size"])
+    folder = tmp_path_factory.mktemp("gpt2_ref")
+    ref.save_pretrained(folder)
+    return ref, folder
+
+
+@pytest.fixture(scope="session")
+def gpt2_ref(tmp_path_factory):
+    """(transformers GPT2LMHeadModel, folder it saved) at a tiny shape with peaked attention."""
+    return make_gpt2(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def gpt1_ref(tmp_path_factory):
+    """(transformers OpenAIGPTLMHeadModel, folder it saved) at a tiny shape with peaked attention."""
+    from transformers import OpenAIGPTConfig, OpenAIGPTLMHeadModel
+
+    torch.manual_seed(1)
+    ref = OpenAIGPTLMHeadModel(
+        OpenAIGPTConfig(vocab_size=120, n_positions=48, n_embd=64, n_layer=3, n_head=4, initializer_range=0.1)
+    ).eval()
+    sharpen_attention(ref)
+    train_briefly(ref, 120)
+    folder = tmp_path_factory.mktemp("gpt1_ref")
+    ref.save_pretrained(folder)
+    return ref, folder
+
+
+@pytest.fixture(scope="session")
+def gpt2_tok():
+    from hf_gpt.tokenization import gpt2_tokenizer
+
+    return gpt2_tokenizer()

@@ -1,0 +1,395 @@
+"""Model core (issue 2): parity with transformers' GPT-2 / OpenAI-GPT, caches, masks, variants, presets."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    DynamicCache,
+    StaticCache,
+    pipeline,
+)
+
+from hf_gpt import PRESETS, GPTConfig, GPTForCausalLM, GPTModel
+from hf_gpt.configuration_gpt import PAPER_PARAMS
+
+ATOL = 1e-5
+
+
+def tiny_config(**kw) -> GPTConfig:
+    base = dict(vocab_size=128, n_positions=64, n_embd=64, n_layer=3, n_head=4)
+    base.update(kw)
+    return GPTConfig(**base)
+
+
+def tiny_model(seed: int = 0, **kw) -> GPTForCausalLM:
+    torch.manual_seed(seed)
+    model = GPTForCausalLM(tiny_config(**kw)).eval()
+    with torch.no_grad():  # peaked attention, so mask and position bugs show
+        for block in model.transformer.h:
+            block.attn.c_attn.weight[: 2 * model.config.n_embd] *= 6.0
+    return model
+
+
+# ---------------------------------------------------------------- parity with transformers
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt1"])
+def test_logits_and_loss_match_transformers(family, gpt2_ref, gpt1_ref):
+    ref, folder = gpt2_ref if family == "gpt2" else gpt1_ref
+    ours = GPTForCausalLM.from_pretrained(folder).eval()
+    assert ours.config.norm_position == ("pre" if family == "gpt2" else "post")
+    torch.manual_seed(3)
+    ids = torch.randint(0, ref.config.vocab_size, (3, 40))
+    with torch.no_grad():
+        a = ref(ids, labels=ids)
+        b = ours(ids, labels=ids)
+    err = (a.logits - b.logits).abs().max().item()
+    assert err < ATOL, f"max abs logit error {err}"
+    assert a.logits.abs().max() > 1.0  # the comparison is not between two near-zero tensors
+    torch.testing.assert_close(a.loss, b.loss, atol=ATOL, rtol=0)
+    assert ours.lm_head.weight.data_ptr() == ours.transformer.wte.weight.data_ptr()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt1"])
+def test_greedy_generation_matches_transformers(family, gpt2_ref, gpt1_ref):
+    ref, folder = gpt2_ref if family == "gpt2" else gpt1_ref
+    ours = GPTForCausalLM.from_pretrained(folder).eval()
+    prompt = torch.tensor([[5, 17, 33, 2]])
+    kw = dict(max_new_tokens=30, do_sample=False, pad_token_id=0)
+    expected = ref.generate(prompt, **kw)
+    got = ours.generate(prompt, **kw)
+    assert got.shape[1] == prompt.shape[1] + 30
+    assert torch.equal(expected, got)
+    assert len(set(got[0, 4:].tolist())) > 1  # not a degenerate constant continuation
+
+
+def test_pipeline_greedy_matches_transformers(tmp_path_factory, gpt2_tok):
+    from conftest import make_gpt2
+
+    ref, folder = make_gpt2(tmp_path_factory, vocab_size=50257, n_embd=32, n_layer=2, n_head=2)
+    ours = GPTForCausalLM.from_pretrained(folder)
+    kw = dict(max_new_tokens=30, do_sample=False)
+    a = pipeline("text-generation", model=ref, tokenizer=gpt2_tok)("Hello, I'm a language model,", **kw)
+    b = pipeline("text-generation", model=ours, tokenizer=gpt2_tok)("Hello, I'm a language model,", **kw)
+    assert a[0]["generated_text"] == b[0]["generated_text"]
+    assert len(a[0]["generated_text"]) > len("Hello, I'm a language model,")
+
+
+def test_hidden_states_and_attentions_match_transformers(gpt2_ref):
+    ref, folder = gpt2_ref
+    ours = GPTForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    ref_eager = copy.deepcopy(ref)
+    ref_eager.config._attn_implementation = "eager"
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        a = ref_eager(ids, output_hidden_states=True, output_attentions=True)
+        b = ours(ids, output_hidden_states=True, output_attentions=True)
+    assert len(a.hidden_states) == len(b.hidden_states) == 4
+    for x, y in zip(a.hidden_states, b.hidden_states, strict=True):
+        torch.testing.assert_close(x, y, atol=ATOL, rtol=0)
+    assert len(b.attentions) == 3 and b.attentions[0].shape == (2, 4, 12, 12)
+    for x, y in zip(a.attentions, b.attentions, strict=True):
+        torch.testing.assert_close(x, y, atol=ATOL, rtol=0)
+
+
+# ---------------------------------------------------------------- caches, masks, positions
+
+
+def test_cached_generation_equals_uncached():
+    model = tiny_model()
+    prompt = torch.tensor([[1, 2, 3, 4, 5]])
+    cached = model.generate(prompt, max_new_tokens=20, do_sample=False, use_cache=True, pad_token_id=0)
+    uncached = model.generate(prompt, max_new_tokens=20, do_sample=False, use_cache=False, pad_token_id=0)
+    assert torch.equal(cached, uncached)
+    # And step by step by hand: logits of the last position with a cache == full recompute.
+    ids = cached[:, :15]
+    with torch.no_grad():
+        full = model(ids).logits[:, -1]
+        cache = DynamicCache(config=model.config)
+        model(ids[:, :10], cache=cache)
+        step = model(ids[:, 10:], cache=cache).logits[:, -1]
+    torch.testing.assert_close(full, step, atol=ATOL, rtol=0)
+
+
+def test_static_cache_equals_dynamic():
+    model = tiny_model()
+    prompt = torch.tensor([[7, 8, 9], [3, 2, 1]])
+    kw = dict(max_new_tokens=15, do_sample=False, pad_token_id=0)
+    dynamic = model.generate(prompt, **kw)
+    static = model.generate(prompt, cache_implementation="static", **kw)
+    assert torch.equal(dynamic, static)
+    # A StaticCache passed by hand too.
+    with torch.no_grad():
+        cache = StaticCache(config=model.config, max_cache_len=32)
+        a = model(prompt, cache=cache).logits
+        b = model(prompt).logits
+    torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["global", "local"])
+def test_left_padded_batch_equals_rows_alone(kind):
+    model = tiny_model(attention_pattern=[kind], local_window=4)
+    rows = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    with torch.no_grad():
+        batched = model(ids, attention_mask=mask).logits
+    for i, r in enumerate(rows):
+        with torch.no_grad():
+            alone = model(torch.tensor([r])).logits[0]
+        torch.testing.assert_close(batched[i, width - len(r) :], alone, atol=ATOL, rtol=0)
+    gen = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    for i, r in enumerate(rows):
+        alone = model.generate(torch.tensor([r]), max_new_tokens=10, do_sample=False, pad_token_id=0)
+        assert gen[i, width:].tolist() == alone[0, len(r) :].tolist()
+
+
+def test_right_padding_leaves_real_tokens_unchanged():
+    model = tiny_model()
+    ids = torch.tensor([[5, 6, 7, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 0, 0]])
+    with torch.no_grad():
+        padded = model(ids, attention_mask=mask).logits[:, :3]
+        alone = model(ids[:, :3]).logits
+    torch.testing.assert_close(padded, alone, atol=ATOL, rtol=0)
+
+
+def test_explicit_position_ids_are_used():
+    model = tiny_model()
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        default = model(ids).logits
+        same = model(ids, position_ids=torch.tensor([[0, 1, 2]])).logits
+        shifted = model(ids, position_ids=torch.tensor([[10, 11, 12]])).logits
+    torch.testing.assert_close(default, same)
+    assert (default - shifted).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("pattern", [["global"], ["global", "local"]])
+def test_sdpa_equals_eager(pattern):
+    torch.manual_seed(0)
+    cfg = tiny_config(attention_pattern=pattern, local_window=5)
+    sdpa = GPTForCausalLM(cfg).eval()
+    eager = copy.deepcopy(sdpa)
+    eager.config._attn_implementation = "eager"
+    sdpa.config._attn_implementation = "sdpa"
+    ids = torch.randint(0, 128, (2, 20))
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, :6] = 0
+    with torch.no_grad():
+        for m in (None, mask):
+            torch.testing.assert_close(
+                sdpa(ids, attention_mask=m).logits, eager(ids, attention_mask=m).logits, atol=ATOL, rtol=1e-4
+            )
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    torch.manual_seed(0)
+    model = GPTForCausalLM(tiny_config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).train()
+    ids = torch.randint(0, 128, (2, 16))
+
+    def grads(m):
+        m.zero_grad()
+        m(ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    plain = grads(model)
+    model.gradient_checkpointing_enable()
+    assert all(block.gradient_checkpointing for block in model.transformer.h)
+    ckpt = grads(model)
+    for name in plain:
+        torch.testing.assert_close(plain[name], ckpt[name], atol=1e-6, rtol=1e-5)
+
+
+def test_logits_to_keep_and_ignored_labels():
+    model = tiny_model()
+    ids = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        full = model(ids).logits
+        last = model(ids, logits_to_keep=1).logits
+        labels = ids.clone()
+        labels[:, :5] = -100
+        masked = model(ids, labels=labels).loss
+    assert last.shape == (2, 1, 128)
+    torch.testing.assert_close(last[:, 0], full[:, -1])
+    logp = torch.log_softmax(full[:, 4:-1], dim=-1)
+    manual = -logp.gather(-1, ids[:, 5:, None]).mean()
+    torch.testing.assert_close(masked, manual, atol=1e-5, rtol=0)
+
+
+def test_loss_uses_num_items_in_batch():
+    """Trainer passes num_items_in_batch through **kwargs so accumulated gradients are scaled exactly."""
+    model = tiny_model()
+    ids = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        mean = model(ids, labels=ids).loss
+        summed = model(ids, labels=ids, num_items_in_batch=torch.tensor(1)).loss
+    torch.testing.assert_close(summed, mean * 2 * 9, rtol=1e-5, atol=1e-4)
+
+
+# ---------------------------------------------------------------- variants
+
+
+def test_local_attention_equals_masked_reference():
+    """A "local" layer sees only the last `local_window` positions: compare with attention written out here."""
+    torch.manual_seed(0)
+    cfg = tiny_config(n_layer=1, attention_pattern=["local"], local_window=3, resid_pdrop=0.0, attn_pdrop=0.0)
+    model = GPTModel(cfg).eval()
+    attn = model.h[0].attn
+    x = torch.randn(2, 10, 64)
+    T = x.shape[1]
+    q, k, v = (x @ attn.c_attn.weight.T + attn.c_attn.bias).split(64, dim=-1)
+    heads = lambda t: t.view(2, T, 4, 16).transpose(1, 2)  # noqa: E731
+    scores = heads(q) @ heads(k).transpose(-1, -2) / 4.0
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    allowed = (j <= i) & (i - j < 3)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    ref = (scores.softmax(-1) @ heads(v)).transpose(1, 2).reshape(2, T, 64) @ attn.c_proj.weight.T + attn.c_proj.bias
+    from hf_gpt.modeling_gpt import AttentionMasks
+
+    for impl in ("sdpa", "eager"):
+        model.config._attn_implementation = impl
+        got, _ = attn(x, AttentionMasks(None, 0, T, 3))
+        torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
+    dense = tiny_config(n_layer=1, attention_pattern=["global"])
+    model_dense = GPTModel(dense).eval()
+    model_dense.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert (
+            model_dense(inputs_embeds=x).last_hidden_state - model(inputs_embeds=x).last_hidden_state
+        ).abs().max() > 1e-4
+
+
+def test_attention_pattern_alternates():
+    cfg = GPTConfig.from_preset("gpt3-small", n_layer=4)
+    kinds = [cfg.layer_attention(i) for i in range(4)]
+    assert kinds == ["global", "local", "global", "local"]
+    model = GPTModel(tiny_config(n_layer=4, attention_pattern=["global", "local"]))
+    assert [b.attn.kind for b in model.h] == kinds
+
+
+def test_local_attention_cached_generation_matches_uncached():
+    model = tiny_model(attention_pattern=["global", "local"], local_window=4)
+    prompt = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    a = model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    b = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=False, pad_token_id=0)
+    assert torch.equal(a, b)
+
+
+def test_post_norm_has_no_final_layernorm():
+    m = GPTModel(tiny_config(norm_position="post", final_norm=False))
+    assert isinstance(m.ln_f, torch.nn.Identity)
+    assert not any("ln_f" in n for n, _ in m.named_parameters())
+
+
+# ---------------------------------------------------------------- save / load / auto classes / pipelines
+
+
+def test_save_and_auto_load_roundtrip(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    cfg = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(cfg, GPTConfig) and cfg.hidden_size == 64 and cfg.num_hidden_layers == 3
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(loaded, GPTForCausalLM)
+    base = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(base, GPTModel)
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+        assert torch.equal(model.transformer(ids).last_hidden_state, base(ids).last_hidden_state)
+    import json
+
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["auto_map"]["AutoModelForCausalLM"].endswith("GPTForCausalLM")
+    assert (tmp_path / "modeling_gpt.py").exists() and (tmp_path / "configuration_gpt.py").exists()
+
+
+def test_feature_extraction_pipeline_returns_hidden_states(gpt2_tok):
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2)).eval()
+    pipe = pipeline("feature-extraction", model=model, tokenizer=gpt2_tok)
+    text = "To be, or not to be"
+    feats = torch.tensor(pipe(text))[0]
+    ids = gpt2_tok(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = model(ids).last_hidden_state[0]
+    assert feats.shape == expected.shape == (ids.shape[1], 32)
+    torch.testing.assert_close(feats, expected, atol=ATOL, rtol=0)
+
+
+# ---------------------------------------------------------------- config and presets
+
+GPT2_RELEASED = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200}
+
+
+def count_params(preset: str) -> int:
+    with torch.device("meta"):
+        model = GPTForCausalLM(GPTConfig.from_preset(preset))
+    return sum(p.numel() for p in model.parameters())  # tied weights are listed once
+
+
+@pytest.mark.parametrize("preset", list(GPT2_RELEASED))
+def test_gpt2_preset_counts_equal_released_checkpoints(preset):
+    assert count_params(preset) == GPT2_RELEASED[preset]
+
+
+def test_gpt1_preset_count():
+    assert count_params("gpt1") == 116_534_784
+
+
+@pytest.mark.parametrize("preset", [p for p in PRESETS if p.startswith("gpt3")])
+def test_gpt3_presets_within_two_percent_of_table(preset):
+    n = count_params(preset)
+    assert abs(n - PAPER_PARAMS[preset]) / PAPER_PARAMS[preset] < 0.02, (preset, n)
+
+
+def test_presets_cover_every_published_size():
+    assert len([p for p in PRESETS if p.startswith("gpt3")]) == 8
+    assert {"gpt1", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"} <= set(PRESETS)
+
+
+@pytest.mark.parametrize(
+    "kwargs, phrase",
+    [
+        (dict(n_embd=100, n_head=12), "divisible by n_head"),
+        (dict(activation_function="gelu_fast_typo"), "activation_function"),
+        (dict(n_layer=0), "n_layer must be a positive integer"),
+        (dict(vocab_size=-5), "vocab_size must be a positive integer"),
+        (dict(n_positions=1.5), "n_positions must be a positive integer"),
+        (dict(norm_position="middle"), "norm_position"),
+        (dict(attention_pattern=["dense"]), "attention_pattern"),
+        (dict(local_window=0), "local_window"),
+        (dict(attn_pdrop=1.5), "attn_pdrop"),
+        (dict(n_inner=-1), "n_inner"),
+    ],
+)
+def test_config_validation(kwargs, phrase):
+    with pytest.raises(ValueError, match=phrase):
+        GPTConfig(**kwargs)
+
+
+def test_unknown_preset_lists_known_ones():
+    with pytest.raises(ValueError, match="gpt2-medium"):
+        GPTConfig.from_preset("gpt5")
+
+
+def test_standard_names_and_aliases():
+    cfg = GPTConfig(hidden_size=96, num_hidden_layers=2, num_attention_heads=3, max_position_embeddings=40)
+    assert (cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.n_positions) == (96, 2, 3, 40)
+    assert cfg.hidden_size == 96 and cfg.max_position_embeddings == 40
+    again = GPTConfig.from_dict(cfg.to_dict())
+    assert again.to_dict() == cfg.to_dict()
+
+
+def test_too_long_input_is_a_clear_error():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="n_positions"):
+        model(torch.zeros(1, 65, dtype=torch.long))
