@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_gpt import PRESETS, GPTConfig
 from .modeling_gpt import GPTForCausalLM, GPTModel, GPTPreTrainedModel
+from .tokenization import gpt2_tokenizer
 
 __version__ = "0.1.0"
 
@@ -21,4 +22,12 @@ GPTConfig.register_for_auto_class()
 GPTModel.register_for_auto_class("AutoModel")
 GPTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
-__all__ = ["GPTConfig", "PRESETS", "GPTPreTrainedModel", "GPTModel", "GPTForCausalLM", "__version__"]
+__all__ = [
+    "GPTConfig",
+    "PRESETS",
+    "GPTPreTrainedModel",
+    "GPTModel",
+    "GPTForCausalLM",
+    "gpt2_tokenizer",
+    "__version__",
+]

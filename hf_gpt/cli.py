@@ -1,0 +1,39 @@
+"""`hf-gpt`: one command line for the project's jobs. Each subcommand lives in its own module and
+is imported only when used, so `hf-gpt --help` stays fast."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> ("module:function", one-line help). Each function takes the remaining argv list.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("training.train_lm:main", "pretrain or fine-tune a causal LM with Trainer (default: Shakespeare)"),
+    "finetune": ("training.finetune:main", "GPT-1 style task fine-tuning (classification, entailment, ...)"),
+    "convert": ("hf_gpt.convert_cli:convert_main", "GPT-2 / GPT-1 checkpoint or Hub id -> hf_gpt folder"),
+    "export": ("hf_gpt.convert_cli:export_main", "hf_gpt folder -> plain transformers GPT-2 / OpenAI-GPT folder"),
+    "eval-ppl": ("training.evaluate:main", "sliding-window perplexity of a model on a text file"),
+    "bench": ("benchmarks.bench:main", "speed and memory against transformers' GPT-2"),
+    "card": ("model_cards.generate:main", "write the model card (README.md) of a run folder"),
+    "push": ("model_cards.push:main", "upload a run folder to the Hub (--dry-run lists the files)"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+        print("usage: hf-gpt COMMAND [ARGS...]\n\ncommands:\n" + "\n".join(lines))
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nhf-gpt: unknown command {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    target, _ = COMMANDS[argv[0]]
+    module_name, func_name = target.split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    result = func(argv[1:])
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
