@@ -4,23 +4,46 @@ Importing the package registers the classes with transformers' Auto classes, so
 `AutoModelForCausalLM.from_pretrained(folder)` returns a `GPTForCausalLM` for any folder we wrote.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMultipleChoice,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+)
 
 from .configuration_gpt import PRESETS, GPTConfig
-from .modeling_gpt import GPTForCausalLM, GPTModel, GPTPreTrainedModel
+from .modeling_gpt import (
+    GPTForCausalLM,
+    GPTForMultipleChoice,
+    GPTForQuestionAnswering,
+    GPTForSequenceClassification,
+    GPTForTokenClassification,
+    GPTModel,
+    GPTPreTrainedModel,
+)
 from .tokenization import gpt2_tokenizer
 
 __version__ = "0.1.0"
 
-AutoConfig.register(GPTConfig.model_type, GPTConfig, exist_ok=True)
-AutoModel.register(GPTConfig, GPTModel, exist_ok=True)
-AutoModelForCausalLM.register(GPTConfig, GPTForCausalLM, exist_ok=True)
+AUTO_CLASSES = {
+    AutoModel: GPTModel,
+    AutoModelForCausalLM: GPTForCausalLM,
+    AutoModelForSequenceClassification: GPTForSequenceClassification,
+    AutoModelForMultipleChoice: GPTForMultipleChoice,
+    AutoModelForTokenClassification: GPTForTokenClassification,
+    AutoModelForQuestionAnswering: GPTForQuestionAnswering,
+}
 
-# save_pretrained writes `auto_map` and copies the model code, so a folder loads with
-# trust_remote_code=True where hf_gpt is not installed.
+AutoConfig.register(GPTConfig.model_type, GPTConfig, exist_ok=True)
 GPTConfig.register_for_auto_class()
-GPTModel.register_for_auto_class("AutoModel")
-GPTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+for auto_class, model_class in AUTO_CLASSES.items():
+    auto_class.register(GPTConfig, model_class, exist_ok=True)
+    # save_pretrained then writes `auto_map` and copies the model code, so a folder loads with
+    # trust_remote_code=True where hf_gpt is not installed.
+    model_class.register_for_auto_class(auto_class.__name__)
 
 __all__ = [
     "GPTConfig",
@@ -28,6 +51,10 @@ __all__ = [
     "GPTPreTrainedModel",
     "GPTModel",
     "GPTForCausalLM",
+    "GPTForSequenceClassification",
+    "GPTForMultipleChoice",
+    "GPTForTokenClassification",
+    "GPTForQuestionAnswering",
     "gpt2_tokenizer",
     "__version__",
 ]

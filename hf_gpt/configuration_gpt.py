@@ -22,6 +22,18 @@ ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu", "silu", "swish")
 NORM_POSITIONS = ("pre", "post")
 ATTENTION_KINDS = ("global", "local")
 
+# Every Auto class the package registers, written into each saved config so a folder loads with
+# trust_remote_code=True through any of them where hf_gpt is not installed.
+AUTO_MAP = {
+    "AutoConfig": "configuration_gpt.GPTConfig",
+    "AutoModel": "modeling_gpt.GPTModel",
+    "AutoModelForCausalLM": "modeling_gpt.GPTForCausalLM",
+    "AutoModelForSequenceClassification": "modeling_gpt.GPTForSequenceClassification",
+    "AutoModelForMultipleChoice": "modeling_gpt.GPTForMultipleChoice",
+    "AutoModelForTokenClassification": "modeling_gpt.GPTForTokenClassification",
+    "AutoModelForQuestionAnswering": "modeling_gpt.GPTForQuestionAnswering",
+}
+
 # Presets as data. Each entry cites where its numbers come from.
 _GPT2 = dict(vocab_size=50257, n_positions=1024, activation_function="gelu_new", norm_position="pre", final_norm=True)
 _GPT3 = dict(
@@ -108,6 +120,9 @@ class GPTConfig(PretrainedConfig):
         attention_pattern: list of "global"/"local", cycled over the layers.
         local_window: how many most recent positions (itself included) a "local" layer attends to.
         bos_token_id, eos_token_id: default to the last id, as GPT-2's <|endoftext|> (50256).
+        aux_lm_weight: task heads add this times the language-model loss on their inputs (GPT-1 sec. 3.2,
+            lambda = 0.5 in the paper; 0 turns it off).
+        classifier_dropout: dropout before the token-classification head (as transformers' GPT-2).
         tie_word_embeddings: share the input embedding with the LM head.
     """
 
@@ -139,6 +154,8 @@ class GPTConfig(PretrainedConfig):
         final_norm: bool = True,
         attention_pattern: list[str] | None = None,
         local_window: int = 256,
+        aux_lm_weight: float = 0.0,
+        classifier_dropout: float = 0.1,
         use_cache: bool = True,
         bos_token_id: int | None | str = "last",
         eos_token_id: int | None | str = "last",
@@ -161,10 +178,13 @@ class GPTConfig(PretrainedConfig):
         self.final_norm = final_norm
         self.attention_pattern = list(attention_pattern) if attention_pattern is not None else ["global"]
         self.local_window = local_window
+        self.aux_lm_weight = aux_lm_weight
+        self.classifier_dropout = classifier_dropout
         self.use_cache = use_cache
         # GPT-2's <|endoftext|> (50256) is the last id of its vocabulary; by default follow that rule.
         bos_token_id = vocab_size - 1 if bos_token_id == "last" else bos_token_id
         eos_token_id = vocab_size - 1 if eos_token_id == "last" else eos_token_id
+        kwargs.setdefault("auto_map", dict(AUTO_MAP))
         super().__init__(
             bos_token_id=bos_token_id,
             eos_token_id=eos_token_id,
@@ -198,7 +218,9 @@ class GPTConfig(PretrainedConfig):
             raise ValueError(
                 f"GPTConfig.attention_pattern must be a non-empty list of {ATTENTION_KINDS}, got {self.attention_pattern!r}."
             )
-        for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if self.aux_lm_weight < 0:
+            raise ValueError(f"GPTConfig.aux_lm_weight must be >= 0, got {self.aux_lm_weight!r}.")
+        for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "classifier_dropout"):
             p = getattr(self, name)
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"GPTConfig.{name} must be a probability in [0, 1), got {p!r}.")

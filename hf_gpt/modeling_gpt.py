@@ -16,7 +16,14 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    MultipleChoiceModelOutput,
+    QuestionAnsweringModelOutput,
+    SequenceClassifierOutputWithPast,
+    TokenClassifierOutput,
+)
 from transformers.utils import logging
 
 from .configuration_gpt import GPTConfig
@@ -34,6 +41,32 @@ _ACTIVATIONS = {
     "silu": nn.SiLU,
     "swish": nn.SiLU,
 }
+
+
+def check_token_ids(ids: torch.Tensor, limit: int, name: str) -> None:
+    """Raise a clear error for ids an embedding lookup would fail on deep inside (or on a GPU, assert on)."""
+    if ids.is_floating_point() or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor (torch.long), got {ids.dtype}.")
+    if torch.compiler.is_compiling() or ids.numel() == 0:
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= limit:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"{name} holds {bad}, outside [0, {limit - 1}]: check the tokenizer matches the model.")
+
+
+def last_token_index(
+    input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, pad_token_id: int | None, T: int
+) -> torch.Tensor | int:
+    """Index of each row's last real token: from the mask, else the last non-pad id, else T - 1."""
+    if attention_mask is not None:
+        real = attention_mask.bool()
+    elif input_ids is not None and pad_token_id is not None:
+        real = input_ids != pad_token_id
+    else:
+        return T - 1
+    positions = torch.arange(T, device=real.device)
+    return (positions * real).argmax(-1)  # (B,)
 
 
 class AttentionMasks:
@@ -240,6 +273,7 @@ class GPTModel(GPTPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         past_key_values: Cache | None = None,
+        token_type_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """
@@ -251,6 +285,7 @@ class GPTModel(GPTPreTrainedModel):
             cache: a transformers `Cache` (dynamic or static) holding the keys/values of earlier tokens.
                 `past_key_values` is accepted as its older name.
             inputs_embeds: (B, T, C) instead of `input_ids`.
+            token_type_ids: (B, T) ids embedded with the token embedding and added, as in transformers' GPT-2.
         Returns:
             `BaseModelOutputWithPast` with `last_hidden_state` (B, T, C), the cache, and optionally
             `hidden_states` (n_layer + 1 of (B, T, C)) and `attentions` (n_layer of (B, nh, T, Tk)).
@@ -264,9 +299,12 @@ class GPTModel(GPTPreTrainedModel):
             use_cache = False  # recomputation would write the cache twice
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
-        if inputs_embeds is None:
+        if input_ids is not None:
+            check_token_ids(input_ids, cfg.vocab_size, "input_ids")
             inputs_embeds = self.wte(input_ids)
         B, T = inputs_embeds.shape[:2]
+        if T == 0:
+            raise ValueError("Empty input: `input_ids` / `inputs_embeds` must hold at least one token per row.")
         if use_cache and cache is None:
             cache = DynamicCache(config=cfg)
         past = cache.get_seq_length() if cache is not None else 0
@@ -276,6 +314,17 @@ class GPTModel(GPTPreTrainedModel):
                 "positions (config.n_positions). Crop the input to its last n_positions tokens, or evaluate long "
                 "texts with a sliding window (`hf-gpt eval-ppl --stride`)."
             )
+        if attention_mask is not None and (attention_mask.dim() != 2 or tuple(attention_mask.shape) != (B, past + T)):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}; expected (batch, past + new tokens) = "
+                f"({B}, {past + T}): one 0/1 entry per cached and new token."
+            )
+        if position_ids is not None:
+            if position_ids.dim() != 2 or position_ids.shape[1] != T or position_ids.shape[0] not in (1, B):
+                raise ValueError(
+                    f"position_ids has shape {tuple(position_ids.shape)}; expected ({B}, {T}) or (1, {T})."
+                )
+            check_token_ids(position_ids, cfg.n_positions, "position_ids")
 
         key_padding = None
         if attention_mask is not None:
@@ -288,7 +337,10 @@ class GPTModel(GPTPreTrainedModel):
                 position_ids = (key_padding.long().cumsum(-1) - 1).clamp(min=0)[:, past : past + T]
             else:
                 position_ids = torch.arange(past, past + T, device=inputs_embeds.device)[None]  # (1, T)
-        x = self.drop(inputs_embeds + self.wpe(position_ids))  # (B, T, C)
+        x = inputs_embeds + self.wpe(position_ids)  # (B, T, C)
+        if token_type_ids is not None:
+            x = x + self.wte(token_type_ids)
+        x = self.drop(x)
         masks = AttentionMasks(key_padding, past, T, cfg.local_window)
 
         all_hidden = () if output_hidden_states else None
@@ -364,6 +416,11 @@ class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
         logits = self.lm_head(h[:, keep, :])  # (B, T', vocab)
         loss = None
         if labels is not None:
+            if labels.shape != h.shape[:2]:
+                raise ValueError(
+                    f"labels has shape {tuple(labels.shape)}; expected {tuple(h.shape[:2])} like input_ids "
+                    "(the model shifts them by one itself; use -100 for positions to ignore)."
+                )
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
         result = CausalLMOutputWithPast(
             loss=loss,
@@ -380,4 +437,245 @@ class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
         return attention_mask
 
 
-__all__ = ["GPTPreTrainedModel", "GPTModel", "GPTForCausalLM"]
+class GPTHeadModel(GPTPreTrainedModel):
+    """Shared plumbing of the task heads: the transformer, the optional auxiliary LM loss of GPT-1
+    (sec. 3.2: L3 = L2 + lambda * L1, lambda = `config.aux_lm_weight`), and input reshaping."""
+
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__(config)
+        self.transformer = GPTModel(config)
+        # Tied to the input embedding, so it adds no parameters; used only for the auxiliary LM loss.
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def aux_lm_loss(self, h: torch.Tensor, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None):
+        """lambda * next-token loss of the task input itself (padding ignored), or None when off."""
+        if self.config.aux_lm_weight == 0 or input_ids is None:
+            return None
+        labels = input_ids.masked_fill(attention_mask == 0, -100) if attention_mask is not None else input_ids
+        logits = self.lm_head(h[:, :-1]).float()  # (N, T-1, vocab): token t predicts token t+1
+        loss = F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        return self.config.aux_lm_weight * loss
+
+
+class GPTForSequenceClassification(GPTHeadModel):
+    """Classification / regression from the last real token (GPT-1 sec. 3.3, transformers' GPT-2 head).
+
+    GPT-1's similarity tasks encode both orders of a pair and add the two representations: pass
+    `input_ids` of shape (B, V, T) and the V views are pooled and summed before the linear head.
+    """
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.score = nn.Linear(config.n_embd, config.num_labels, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutputWithPast:
+        """
+        Args:
+            input_ids: (B, T), or (B, V, T) for V views whose pooled states are summed.
+            attention_mask: same shape as input_ids; the last 1 of each row is the pooled token.
+            labels: (B,) class ids, (B,) floats for regression (num_labels 1), or (B, num_labels) multi-label.
+        Returns:
+            `SequenceClassifierOutputWithPast` with `logits` (B, num_labels).
+        """
+        views = input_ids.shape[1] if input_ids is not None and input_ids.dim() == 3 else 1
+        flat = lambda t: t.flatten(0, 1) if t is not None and views > 1 else t  # noqa: E731  (B*V, T)
+        input_ids, attention_mask, position_ids = flat(input_ids), flat(attention_mask), flat(position_ids)
+        out = self.transformer(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=False,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        h = out.last_hidden_state  # (B*V, T, C)
+        idx = last_token_index(input_ids, attention_mask, self.config.pad_token_id, h.shape[1])
+        pooled = h[torch.arange(h.shape[0], device=h.device), idx]  # (B*V, C)
+        logits = self.score(pooled.view(-1, views, pooled.shape[-1]).sum(1))  # (B, num_labels)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
+            aux = self.aux_lm_loss(h, input_ids, attention_mask)
+            loss = loss if aux is None else loss + aux
+        return SequenceClassifierOutputWithPast(
+            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
+        )
+
+
+class GPTForMultipleChoice(GPTHeadModel):
+    """One score per choice from each choice's last real token (GPT-1 sec. 3.3; the multiple-choice
+    head of transformers' `GPT2DoubleHeadsModel`), softmax over choices, optional auxiliary LM loss."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__(config)
+        self.multiple_choice_head = nn.Linear(config.n_embd, 1)
+        self.dropout = nn.Dropout(config.classifier_dropout)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        mc_token_ids: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MultipleChoiceModelOutput:
+        """
+        Args:
+            input_ids: (B, K, T), one row per choice (`s context $ answer_k e`).
+            attention_mask: (B, K, T).
+            mc_token_ids: (B, K) index of the token to score in each choice; default the last real token.
+            labels: (B,) index of the right choice.
+        Returns:
+            `MultipleChoiceModelOutput` with `logits` (B, K).
+        """
+        ref = input_ids if input_ids is not None else inputs_embeds
+        B, K = ref.shape[:2]
+        flat = lambda t: t.flatten(0, 1) if t is not None else None  # noqa: E731  (B*K, ...)
+        input_ids, attention_mask, position_ids = flat(input_ids), flat(attention_mask), flat(position_ids)
+        out = self.transformer(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=flat(inputs_embeds),
+            use_cache=False,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        h = out.last_hidden_state  # (B*K, T, C)
+        if mc_token_ids is not None:
+            idx = mc_token_ids.reshape(-1)
+        else:
+            idx = last_token_index(input_ids, attention_mask, self.config.pad_token_id, h.shape[1])
+        pooled = h[torch.arange(h.shape[0], device=h.device), idx]  # (B*K, C)
+        logits = self.multiple_choice_head(self.dropout(pooled)).view(B, K)  # (B, K)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits, labels)
+            aux = self.aux_lm_loss(h, input_ids, attention_mask)
+            loss = loss if aux is None else loss + aux
+        return MultipleChoiceModelOutput(
+            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
+        )
+
+
+class GPTForTokenClassification(GPTPreTrainedModel):
+    """A label per token (transformers' `GPT2ForTokenClassification`)."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.transformer = GPTModel(config)
+        self.dropout = nn.Dropout(config.classifier_dropout)
+        self.classifier = nn.Linear(config.n_embd, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> TokenClassifierOutput:
+        """labels: (B, T) class ids, -100 ignored. Returns `logits` (B, T, num_labels)."""
+        out = self.transformer(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=False,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        logits = self.classifier(self.dropout(out.last_hidden_state))  # (B, T, num_labels)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1), ignore_index=-100)
+        return TokenClassifierOutput(
+            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
+        )
+
+
+class GPTForQuestionAnswering(GPTPreTrainedModel):
+    """Extractive QA: start and end logits per token (transformers' `GPT2ForQuestionAnswering`)."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__(config)
+        self.transformer = GPTModel(config)
+        self.qa_outputs = nn.Linear(config.n_embd, 2)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        start_positions: torch.LongTensor | None = None,
+        end_positions: torch.LongTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> QuestionAnsweringModelOutput:
+        """start_positions / end_positions: (B,). Returns `start_logits`, `end_logits` (B, T)."""
+        out = self.transformer(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=False,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        start_logits, end_logits = self.qa_outputs(out.last_hidden_state).unbind(-1)  # (B, T) each
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            loss = self.loss_function(start_logits, end_logits, start_positions, end_positions)
+        return QuestionAnsweringModelOutput(
+            loss=loss,
+            start_logits=start_logits,
+            end_logits=end_logits,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+        )
+
+
+__all__ = [
+    "GPTPreTrainedModel",
+    "GPTModel",
+    "GPTForCausalLM",
+    "GPTForSequenceClassification",
+    "GPTForMultipleChoice",
+    "GPTForTokenClassification",
+    "GPTForQuestionAnswering",
+]
