@@ -73,12 +73,21 @@ class AttentionMasks:
     """Builds, once per forward and per kind, the boolean masks (True = may attend) the blocks share.
 
     Query i (0-based within this call) sits at cache slot `past + i`; key j at slot j. A key is visible
-    when it is not in the future, is not padding, and, for "local" layers, lies within the window.
-    Returns None where SDPA's own `is_causal` path gives the same result (no padding, no past, global).
+    when it is not in the future, is not padding, lies in the same packed document, and, for "local"
+    layers, lies within the window. Returns None where SDPA's own `is_causal` path gives the same
+    result (no padding, no packing, no past, global).
     """
 
-    def __init__(self, key_padding: torch.Tensor | None, past: int, q_len: int, window: int) -> None:
+    def __init__(
+        self,
+        key_padding: torch.Tensor | None,
+        past: int,
+        q_len: int,
+        window: int,
+        documents: torch.Tensor | None = None,
+    ) -> None:
         self.key_padding = key_padding  # (B, past + T) bool, or None when nothing is padded
+        self.documents = documents  # (B, T) index of the packed document of each token, or None
         self.past, self.q_len, self.window = past, q_len, window
         self._built: dict[tuple[str, int], torch.Tensor | None] = {}
 
@@ -90,7 +99,8 @@ class AttentionMasks:
 
     def _build(self, kind: str, k_len: int, device: torch.device) -> torch.Tensor | None:
         T = self.q_len
-        if self.key_padding is None and self.past == 0 and k_len == T and (kind == "global" or self.window >= T):
+        plain = self.key_padding is None and self.documents is None and self.past == 0 and k_len == T
+        if plain and (kind == "global" or self.window >= T):
             return None
         q_slot = torch.arange(self.past, self.past + T, device=device)[:, None]  # (T, 1)
         k_slot = torch.arange(k_len, device=device)[None, :]  # (1, Tk)
@@ -106,6 +116,9 @@ class AttentionMasks:
             # A query that is itself padding sees nothing; let it see itself so softmax stays finite.
             # Its output is never used, and real tokens never attend to it.
             mask = mask | (q_slot == k_slot)[None, None]
+        if self.documents is not None:  # padding-free packing: no attention across document boundaries
+            docs = self.documents
+            mask = mask & (docs[:, None, :, None] == docs[:, None, None, :])  # (B, 1, T, T)
         return mask
 
 
@@ -341,7 +354,14 @@ class GPTModel(GPTPreTrainedModel):
         if token_type_ids is not None:
             x = x + self.wte(token_type_ids)
         x = self.drop(x)
-        masks = AttentionMasks(key_padding, past, T, cfg.local_window)
+        documents = None
+        if attention_mask is None and past == 0 and position_ids is not None and T > 1:
+            # Padding-free packed batches (e.g. TRL's packing) give no mask but restart position_ids at 0
+            # for each document; each document must attend only to itself.
+            starts = position_ids.expand(B, T) == 0
+            if starts[:, 1:].any():
+                documents = starts.long().cumsum(-1)  # (B, T)
+        masks = AttentionMasks(key_padding, past, T, cfg.local_window, documents)
 
         all_hidden = () if output_hidden_states else None
         all_attn = () if output_attentions else None

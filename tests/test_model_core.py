@@ -393,3 +393,19 @@ def test_too_long_input_is_a_clear_error():
     model = tiny_model()
     with pytest.raises(ValueError, match="n_positions"):
         model(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_packed_position_ids_keep_documents_apart():
+    """Padding-free packing: position_ids restart at 0 per document and no mask is given; each
+    document's logits must equal the document run alone."""
+    model = tiny_model()
+    docs = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]]
+    ids = torch.tensor([sum(docs, [])])
+    pos = torch.tensor([sum([list(range(len(d))) for d in docs], [])])
+    with torch.no_grad():
+        packed = model(ids, position_ids=pos).logits[0]
+        start = 0
+        for d in docs:
+            alone = model(torch.tensor([d])).logits[0]
+            torch.testing.assert_close(packed[start : start + len(d)], alone, atol=ATOL, rtol=0)
+            start += len(d)
