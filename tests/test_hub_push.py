@@ -17,13 +17,11 @@ from hf_gpt.cli import main as hf_gpt_main
 from model_cards.generate import MARKER
 from model_cards.push import IGNORE_PATTERNS, PushRefused, push_folder, upload_plan
 
-PUBLISHED = {
+# Besides the model code files (configuration_gpt.py, modeling_gpt.py and what they import relatively,
+# whatever save_pretrained copied into the folder).
+PUBLISHED_DATA = {
     "README.md",
     "config.json",
-    "configuration_gpt.py",
-    "modeling_gpt.py",
-    "conversion.py",
-    "tokenization.py",
     "generation_config.json",
     "model.safetensors",
     "tokenizer.json",
@@ -55,6 +53,12 @@ def run_folder(tmp_path):
     return folder
 
 
+def published(folder) -> set[str]:
+    code = {p.name for p in folder.glob("*.py")}
+    assert {"configuration_gpt.py", "modeling_gpt.py"} <= code
+    return PUBLISHED_DATA | code
+
+
 def snapshot(folder):
     return {
         p.relative_to(folder).as_posix(): (p.stat().st_size, p.read_bytes()) for p in folder.rglob("*") if p.is_file()
@@ -72,9 +76,9 @@ def test_dry_run_lists_exact_files_and_touches_nothing(run_folder, no_network, c
     out = capsys.readouterr().out
     listed = listed_files(out)
     total = listed.pop("total")
-    assert set(listed) == PUBLISHED  # no checkpoint-*/, runs/, training_args.bin
+    assert set(listed) == published(run_folder)  # no checkpoint-*/, runs/, training_args.bin
     assert total == sum(listed.values())
-    for name in PUBLISHED - {"README.md", "loss_curve.png"}:  # staged files aside, sizes are the folder's
+    for name in published(run_folder) - {"README.md", "loss_curve.png"}:  # staged files aside, sizes are the folder's
         assert listed[name] == before[name][0], name
     assert listed["loss_curve.png"] > 5000 and listed["README.md"] > 2000  # staged: rendered, not yet written
     assert "card: valid (perplexity=" in out and "dry run: nothing was uploaded" in out
@@ -117,7 +121,7 @@ def test_push_creates_repo_and_uploads_with_ignores(run_folder, no_network, monk
     kwargs = upload[1]
     assert kwargs["repo_id"] == "me/tiny-gpt" and kwargs["folder_path"] == run_folder
     assert set(IGNORE_PATTERNS) <= set(kwargs["ignore_patterns"])
-    assert {path for path, _ in plan.files} == PUBLISHED
+    assert {path for path, _ in plan.files} == published(run_folder)
     # The card was refreshed in the folder with the repo id before the upload.
     card = ModelCard.load(run_folder / "README.md")
     assert card.data.model_name == "tiny-gpt" and 'model_id = "me/tiny-gpt"' in card.text
