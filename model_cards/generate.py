@@ -244,7 +244,8 @@ class _Run:
 def _eval_results(run: _Run, dataset_name: str, dataset_type: str) -> list[EvalResult]:
     common = dict(dataset_type=dataset_type, dataset_name=dataset_name, dataset_split="validation")
     results = []
-    task_type = run.pipeline_tag or "text-generation"
+    # The model-index task id: the pipeline tag, or "multiple-choice" (a Hub task id, hidden as a model tag).
+    task_type = run.pipeline_tag or ("multiple-choice" if run.auto_class == "AutoModelForMultipleChoice" else "other")
     if run.pipeline_tag == "text-generation":
         common_lm = dict(common, task_type="text-generation", task_name="Causal language modeling")
         if isinstance(run.metrics.get("perplexity"), (int, float)):

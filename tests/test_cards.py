@@ -252,6 +252,33 @@ def test_fine_tuned_head_card(tmp_path):
     assert validate_card(text, tmp_path) == []
 
 
+def test_multiple_choice_card_and_its_usage_code(tmp_path):
+    from hf_gpt import GPTForMultipleChoice
+
+    torch.manual_seed(0)
+    config = GPTConfig(n_positions=64, n_embd=32, n_layer=2, n_head=2, pad_token_id=50256)
+    GPTForMultipleChoice(config).save_pretrained(tmp_path)
+    hf_gpt.gpt2_tokenizer(model_max_length=64).save_pretrained(tmp_path)
+    info = {
+        "task": "multiple_choice",
+        "dataset": "who speaks",
+        "metrics": {"accuracy": 0.5},
+        "chance": {"accuracy": 0.25},
+    }
+    (tmp_path / "run_info.json").write_text(json.dumps(info))
+    text = write_card(tmp_path).read_text()
+    data = ModelCard(text).data.to_dict()
+    assert "pipeline_tag" not in data  # "multiple-choice" is not a tag models may carry on the Hub
+    _, results = model_index_to_eval_results(data["model-index"])
+    assert [(r.task_type, r.metric_type, r.metric_value) for r in results] == [("multiple-choice", "accuracy", 0.5)]
+    assert validate_card(text, tmp_path) == []
+    code = re.search(r"```python\n(.*?)```", text, flags=re.DOTALL).group(1)
+    code = code.replace(f'model_id = "{tmp_path.name}"', f"model_id = {str(tmp_path)!r}")
+    printed = []
+    exec(code, {"print": printed.append})  # scores the example's two choices
+    assert printed in ([0], [1])
+
+
 @pytest.mark.parametrize("base", ["absolute", "runs/pretrained"])
 def test_local_base_model_stays_out_of_metadata(tmp_path, monkeypatch, base):
     """A base model that is a local folder is not a Hub id: neither an absolute path nor a sibling run
