@@ -87,11 +87,13 @@ def read_config_dict(path_or_id: str | os.PathLike, **hub_kwargs: Any) -> dict[s
         with open(file, encoding="utf-8") as f:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file} is not valid JSON ({e}); the checkpoint's config is truncated or corrupt.") from e
+        raise CheckpointError(
+            f"{file} is not valid JSON ({e}); the checkpoint's config is truncated or corrupt."
+        ) from e
 
 
 def describe_model_type(cfg: dict[str, Any]) -> str:
-    """"'bert' (BertForMaskedLM)": a config's model type and architectures, for error messages."""
+    """ "'bert' (BertForMaskedLM)": a config's model type and architectures, for error messages."""
     archs = cfg.get("architectures") or []
     return f"{cfg.get('model_type')!r}" + (f" ({', '.join(archs)})" if archs else "")
 
@@ -223,7 +225,9 @@ def state_dict_from_foreign(state: dict[str, torch.Tensor], model_type: str) -> 
 
 def state_dict_from_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our own checkpoint keyed as GPTForCausalLM's: a saved GPTModel has no `transformer.` prefix."""
-    return {("transformer." + k if _is_base_key(k) and not k.startswith("transformer.") else k): v for k, v in state.items()}
+    return {
+        ("transformer." + k if _is_base_key(k) and not k.startswith("transformer.") else k): v for k, v in state.items()
+    }
 
 
 def check_weights(config: GPTConfig, state: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
@@ -236,14 +240,16 @@ def check_weights(config: GPTConfig, state: dict[str, torch.Tensor], source: str
         expected = {"transformer." + k: tuple(v.shape) for k, v in GPTModel(config).state_dict().items()}
     if config.tie_word_embeddings is False or "lm_head.weight" in state:
         expected["lm_head.weight"] = (config.vocab_size, config.n_embd)
-    wrong = [(k, tuple(state[k].shape), shape) for k, shape in expected.items() if k in state and state[k].shape != shape]
+    wrong = [
+        (k, tuple(state[k].shape), shape) for k, shape in expected.items() if k in state and state[k].shape != shape
+    ]
     if wrong:
         lines = "\n".join(f"  {k}: checkpoint {got}, config {want}" for k, got, want in wrong[:8])
         more = f"\n  ... and {len(wrong) - 8} more" if len(wrong) > 8 else ""
         raise CheckpointError(
             f"The weights in {source} do not match its config (n_embd={config.n_embd}, n_layer={config.n_layer}, "
             f"n_head={config.n_head}, vocab_size={config.vocab_size}, n_positions={config.n_positions}); "
-            f"{len(wrong)} tensor(s) have other shapes:\n{lines}{more}"
+            f"{len(wrong)} tensor(s) have other shapes (as hf_gpt's (out, in) layout):\n{lines}{more}"
         )
     missing = [k for k in expected if k not in state]
     if missing:
@@ -263,6 +269,11 @@ def load_checkpoint(
     CheckpointError. Hub ids work when online; `hub_kwargs` (`revision`, `token`, ...) go to the download.
     """
     cfg = read_config_dict(path_or_id, **hub_kwargs)
+    if cfg is None and not os.path.isdir(path_or_id):
+        raise CheckpointError(
+            f"{path_or_id} is not a local folder, and no config.json could be fetched for it from the Hub "
+            "(offline, or no such repository)."
+        )
     if cfg is None:
         raise CheckpointError(
             f"{path_or_id} holds no GPT checkpoint: there is no config.json. Expected a folder written by "
@@ -316,7 +327,7 @@ def foreign_checkpoint_to_ours(
 
 
 def plain_format(config: GPTConfig) -> str:
-    """"gpt2" or "openai-gpt": the plain transformers family that computes exactly what `config` does.
+    """ "gpt2" or "openai-gpt": the plain transformers family that computes exactly what `config` does.
 
     Raises ValueError saying why when neither does; exporting such a model would load without error and
     compute something else.
@@ -368,7 +379,7 @@ def foreign_config(config: GPTConfig, family: str, tied: bool, dtype: torch.dtyp
         initializer_range=config.initializer_range,
         bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id,
-        pad_token_id=config.pad_token_id,
+        pad_token_id=getattr(config, "pad_token_id", None),  # set only when a config was given one
         tie_word_embeddings=tied,
         dtype=str(dtype).removeprefix("torch.") if dtype is not None else None,
     )

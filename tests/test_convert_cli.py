@@ -1,0 +1,315 @@
+"""`hf-gpt convert` / `hf-gpt export` run as subprocesses (issue 3): the converted folder loads through
+trust_remote_code where hf_gpt cannot be imported, the export loads in vanilla transformers bit-exactly,
+and every broken input gives its message, a non-zero exit and no output folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import sharpen_attention
+from safetensors import safe_open
+from transformers import AutoTokenizer, BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+
+from hf_gpt import GPTConfig, GPTForCausalLM
+from hf_gpt.convert_cli import write_atomically
+
+HELLO_IDS = [15496, 11, 314, 1101, 257, 3303, 2746, 11]
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+
+def hf_gpt_command() -> list[str]:
+    script = Path(sys.executable).with_name("hf-gpt")  # the console script the package installs
+    return [str(script)] if script.exists() else [sys.executable, "-m", "hf_gpt.cli"]
+
+
+def start(*args: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [*hf_gpt_command(), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or ENV
+    )
+
+
+def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    out, err = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return finish(start(*args))
+
+
+@pytest.fixture(scope="module")
+def gpt2_50k(tmp_path_factory):
+    """A tiny GPT-2 over the real GPT-2 vocabulary (so the GPT-2 tokenizer applies), saved by transformers."""
+    torch.manual_seed(0)
+    ref = GPT2LMHeadModel(GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=2, initializer_range=0.1)).eval()
+    sharpen_attention(ref)
+    folder = tmp_path_factory.mktemp("gpt2_50k")
+    ref.save_pretrained(folder)
+    return ref, folder
+
+
+@pytest.fixture(scope="module")
+def cli_runs(gpt2_50k, gpt1_ref, tmp_path_factory):
+    """Every independent command line of this module, started at once: each is a fresh interpreter (a few
+    seconds of imports), and running them side by side uses both cores.
+
+    Returns name -> (CompletedProcess, DST), plus the error cases' inputs and their root folder.
+    """
+    _, gpt2_src = gpt2_50k
+    _, gpt1_src = gpt1_ref
+    root = tmp_path_factory.mktemp("cli")
+    cases = make_error_cases(root / "inputs", gpt2_src)
+    jobs = {
+        "convert gpt2": (["convert", str(gpt2_src)], root / "ours"),
+        "convert gpt1 bf16": (["convert", str(gpt1_src), "--dtype", "bfloat16"], root / "gpt1-bf16"),
+    }
+    jobs.update({name: (args, root / "outputs" / f"dst{i}") for i, (name, (args, _)) in enumerate(cases.items())})
+    procs = {name: (start(*args, str(dst)), dst) for name, (args, dst) in jobs.items()}
+    results = {name: (finish(p), dst) for name, (p, dst) in procs.items()}
+    return results, cases, root
+
+
+@pytest.fixture(scope="module")
+def converted(cli_runs):
+    results, _, _ = cli_runs
+    proc, dst = results["convert gpt2"]
+    assert proc.returncode == 0, proc.stderr
+    return dst, proc
+
+
+ISOLATED_LOAD = r"""
+import importlib.util, sys
+class NoHfGpt:
+    def find_spec(self, name, path=None, target=None):
+        if name == "hf_gpt" or name.startswith("hf_gpt."):
+            raise ImportError("hf_gpt is hidden in this test")
+sys.meta_path.insert(0, NoHfGpt())
+try:
+    import hf_gpt
+    raise SystemExit("hf_gpt is importable; the test proves nothing")
+except ImportError:
+    pass
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+ids = torch.tensor([AutoTokenizer.from_pretrained(sys.argv[1])("Hello, I'm a language model,").input_ids])
+with torch.no_grad():
+    torch.save({"logits": model(ids).logits, "ids": ids, "module": type(model).__module__}, sys.argv[2])
+"""
+
+
+@pytest.fixture(scope="module")
+def after_convert(converted, tmp_path_factory):
+    """The two runs that read the converted folder, side by side: `hf-gpt export`, and a Python that loads
+    it with trust_remote_code while hf_gpt cannot be imported."""
+    dst, _ = converted
+    root = tmp_path_factory.mktemp("after")
+    export = start("export", str(dst), str(root / "plain"))
+    env = dict(ENV, HF_MODULES_CACHE=str(root / "modules"))
+    isolated = subprocess.Popen(
+        [sys.executable, "-I", "-c", ISOLATED_LOAD, str(dst), str(root / "logits.pt")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    return {"export": finish(export), "isolated": finish(isolated), "root": root}
+
+
+def test_convert_loads_with_trust_remote_code_where_hf_gpt_is_absent(gpt2_50k, converted, after_convert):
+    ref, _ = gpt2_50k
+    dst, proc = converted
+    assert "reading" in proc.stderr and "tensors" in proc.stderr  # progress lines
+    assert proc.stdout.startswith(f"wrote {dst}")
+    for name in ("modeling_gpt.py", "configuration_gpt.py", "conversion.py", "tokenizer.json", "config.json"):
+        assert (dst / name).exists(), name
+    assert (
+        json.loads((dst / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"]
+        == "modeling_gpt.GPTForCausalLM"
+    )
+    iso = after_convert["isolated"]
+    assert iso.returncode == 0, iso.stderr
+    got = torch.load(after_convert["root"] / "logits.pt", weights_only=True)
+    assert got["module"].startswith("transformers_modules.")  # the copied code, not the installed package
+    assert got["ids"][0].tolist() == HELLO_IDS
+    with torch.no_grad():
+        expected = ref(got["ids"]).logits
+    assert (expected - got["logits"]).abs().max() < 1e-5
+
+
+def test_convert_gpt1_with_dtype(gpt1_ref, cli_runs):
+    ref, _ = gpt1_ref
+    proc, dst = cli_runs[0]["convert gpt1 bf16"]
+    assert proc.returncode == 0, proc.stderr
+    assert "from a openai-gpt checkpoint" in proc.stdout
+    with safe_open(dst / "model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    ours = GPTForCausalLM.from_pretrained(dst)
+    assert ours.dtype == torch.bfloat16 and ours.config.norm_position == "post"
+    assert torch.equal(ours.transformer.wpe.weight, ref.transformer.positions_embed.weight.to(torch.bfloat16))
+    assert not (dst / "tokenizer.json").exists()  # vocab 120 is not GPT-2's, and the source had none
+
+
+def test_export_round_trip(gpt2_50k, after_convert):
+    ref, _ = gpt2_50k
+    proc, out = after_convert["export"], after_convert["root"] / "plain"
+    assert proc.returncode == 0, proc.stderr
+    assert "plain gpt2 checkpoint (GPT2LMHeadModel)" in proc.stdout
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    back, info = GPT2LMHeadModel.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
+    a, b = ref.state_dict(), back.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert AutoTokenizer.from_pretrained(out)("Hello, I'm a language model,").input_ids == HELLO_IDS
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+# ---------------------------------------------------------------- errors: message, exit 1, nothing written
+
+
+def make_error_cases(root: Path, gpt2_folder: Path) -> dict[str, tuple[list[str], str]]:
+    """name -> (command line, expected phrase in stderr), with the inputs written under `root`."""
+    cases = {}
+    (root / "empty").mkdir(parents=True)
+    cases["no checkpoint"] = (["convert", str(root / "empty")], "holds no GPT checkpoint: there is no config.json")
+
+    (root / "config-only").mkdir()
+    shutil.copy(gpt2_folder / "config.json", root / "config-only")
+
+    BertModel(
+        BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    ).save_pretrained(root / "bert")
+    cases["other architecture"] = (
+        ["convert", str(root / "bert")],
+        "holds a 'bert' (BertModel) checkpoint; expected model_type 'gpt2' or 'openai-gpt'",
+    )
+
+    shutil.copytree(gpt2_folder, root / "truncated")
+    weights = root / "truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    cases["truncated"] = (["convert", str(root / "truncated")], "is truncated or corrupt")
+
+    shutil.copytree(gpt2_folder, root / "shapes")
+    cfg = json.loads((root / "shapes" / "config.json").read_text())
+    cfg["n_layer"] += 1
+    cfg["n_embd"] *= 2
+    (root / "shapes" / "config.json").write_text(json.dumps(cfg))
+    cases["mismatched shapes"] = (["convert", str(root / "shapes")], "do not match its config")
+
+    (root / "pickle").mkdir()
+    shutil.copy(gpt2_folder / "config.json", root / "pickle")
+    torch.save({"weights": Payload(root / "payload-ran")}, root / "pickle" / "pytorch_model.bin")
+    cases["unsafe pickle"] = (["convert", str(root / "pickle")], "Refusing to load")
+
+    torch.manual_seed(0)
+    local = GPTConfig.from_preset(
+        "gpt3-small", vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2, local_window=8
+    )
+    GPTForCausalLM(local).save_pretrained(root / "gpt3-local")
+    cases["export local attention"] = (["export", str(root / "gpt3-local")], "local attention")
+    return cases
+
+
+class Payload:
+    """Unpickling this creates a folder: proof that the pickle ran, if it ever does."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+ERROR_CASES = [
+    "no checkpoint",
+    "other architecture",
+    "truncated",
+    "mismatched shapes",
+    "unsafe pickle",
+    "export local attention",
+]
+
+
+@pytest.mark.parametrize("name", ERROR_CASES)
+def test_error_cases(name, cli_runs):
+    results, cases, root = cli_runs
+    proc, dst = results[name]
+    _, phrase = cases[name]
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert phrase in proc.stderr
+    assert proc.stderr.count("error:") == 1 and "Traceback" not in proc.stderr
+    assert not dst.exists()
+    assert not (dst.parent.exists() and any(dst.parent.iterdir()))  # no temporary folder left either
+    assert not (root / "inputs" / "payload-ran").exists()
+
+
+@pytest.mark.parametrize(
+    "main, folder, phrase",
+    [
+        ("convert_main", "config-only", "No weights found"),
+        ("export_main", "bert", "holds a 'bert' (BertModel) checkpoint; expected model_type 'hf_gpt' or"),
+    ],
+)
+def test_more_error_cases_in_process(main, folder, phrase, cli_runs, tmp_path, capsys):
+    from hf_gpt import convert_cli
+
+    _, _, root = cli_runs
+    assert getattr(convert_cli, main)([str(root / "inputs" / folder), str(tmp_path / "out")]) == 1
+    assert phrase in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_destination_is_kept(gpt2_50k, tmp_path, capsys):
+    from hf_gpt.convert_cli import convert_main
+
+    _, src = gpt2_50k
+    dst = tmp_path / "taken"
+    dst.mkdir()
+    (dst / "mine.txt").write_text("keep me")
+    assert convert_main([str(src), str(dst)]) == 1
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert (dst / "mine.txt").read_text() == "keep me"
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    def write(folder: Path) -> None:
+        (folder / "half.safetensors").write_bytes(b"x" * 100)
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomically(tmp_path / "out", write)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_help_lists_the_options(capsys):
+    from hf_gpt.convert_cli import export_main
+
+    with pytest.raises(SystemExit) as exit_:
+        export_main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "--dtype {float32,bfloat16,float16}" in out and "SRC" in out and "plain" in out
+
+
+offline = os.environ.get("HF_HUB_OFFLINE", "0") == "1"
+
+
+@pytest.mark.hub
+@pytest.mark.skipif(offline, reason="needs the Hugging Face Hub (HF_HUB_OFFLINE=1)")
+def test_convert_hub_id(tmp_path):
+    proc = finish(start("convert", "openai-community/gpt2", str(tmp_path / "gpt2"), env=dict(os.environ)))
+    assert proc.returncode == 0, proc.stderr
+    assert AutoTokenizer.from_pretrained(tmp_path / "gpt2")("Hello, I'm a language model,").input_ids == HELLO_IDS
