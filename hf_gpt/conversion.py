@@ -13,6 +13,7 @@ it), so it imports nothing outside transformers' own dependencies.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -62,7 +63,6 @@ SHARED_FIELDS = (
     "label2id",
     "problem_type",
     "dtype",
-    "torch_dtype",
 )
 
 SAFE_WEIGHTS = "model.safetensors"
@@ -102,6 +102,8 @@ def config_from_foreign(cfg: dict[str, Any]) -> GPTConfig:
     """Translate a GPT2Config / OpenAIGPTConfig dict into a GPTConfig, refusing what we cannot express."""
     model_type = cfg.get("model_type")
     kwargs = {k: cfg[k] for k in SHARED_FIELDS if k in cfg}
+    if "dtype" not in kwargs and cfg.get("torch_dtype"):  # the older name of the field
+        kwargs["dtype"] = cfg["torch_dtype"]
     if model_type == "gpt2":
         if cfg.get("add_cross_attention"):
             raise CheckpointError(
@@ -446,6 +448,11 @@ def export_to_transformers(
     state, tied = state_dict_to_foreign(model, family, dtype)
     config = foreign_config(model.config, family, tied, dtype)
     os.makedirs(folder, exist_ok=True)
+    # Weights of an earlier save in the same folder would shadow these (a stale index) or mix with them.
+    stale = ("model*.safetensors", SAFE_INDEX, "pytorch_model*.bin", BIN_INDEX)
+    for old in {f for pattern in stale for f in glob.glob(os.path.join(glob.escape(str(folder)), pattern))}:
+        logger.info("removing %s, left by an earlier save", old)
+        os.remove(old)
     config.save_pretrained(folder)
     logger.info("writing %d tensors (%.1f MB)", len(state), sum(t.nbytes for t in state.values()) / 1e6)
     save_torch_state_dict(state, folder, max_shard_size=max_shard_size, metadata={"format": "pt"})

@@ -27,7 +27,7 @@ from transformers import (
 )
 
 from hf_gpt import GPTConfig, GPTForCausalLM, GPTModel
-from hf_gpt.conversion import CheckpointError, export_to_transformers, plain_format
+from hf_gpt.conversion import CheckpointError, config_from_foreign, export_to_transformers, plain_format
 
 ATOL = 1e-5
 FORMATS = ["safetensors", "sharded-safetensors", "bin", "sharded-bin", "legacy-bin"]
@@ -124,6 +124,9 @@ def test_dtype_argument_and_checkpoint_dtype(gpt2_ref, tmp_path):
     copy.deepcopy(ref).to(torch.bfloat16).save_pretrained(half)
     # With no dtype argument, ours follows the checkpoint the way transformers' own class does.
     assert GPTForCausalLM.from_pretrained(half).dtype == GPT2LMHeadModel.from_pretrained(half).dtype
+    # Older configs name the field torch_dtype.
+    old = config_from_foreign({"model_type": "gpt2", "n_embd": 64, "n_head": 4, "torch_dtype": "bfloat16"})
+    assert old.dtype == torch.bfloat16
 
 
 # ---------------------------------------------------------------- in: broken folders give clear errors
@@ -233,7 +236,10 @@ def test_round_trip_is_bit_exact(family, refs, tmp_path):
     a, b = ref.state_dict(), back.state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == ref.config.model_type
+    exported = json.loads((tmp_path / "out" / "config.json").read_text())
+    original = json.loads((folder / "config.json").read_text())  # as transformers' save_pretrained wrote it
+    assert exported.keys() == original.keys()
+    assert exported["model_type"] == ref.config.model_type and exported["architectures"] == original["architectures"]
     ids = torch.randint(0, ref.config.vocab_size, (2, 20))
     with torch.no_grad():
         assert torch.equal(ref(ids).logits, back(ids).logits)
@@ -261,7 +267,9 @@ def test_model_trained_here_exports(family, tmp_path):
     ids = torch.randint(0, 96, (2, 16))
     with torch.no_grad():
         assert (ours(ids).logits - back(ids).logits).abs().max() < ATOL
+    shutil.copytree(tmp_path / "f32", tmp_path / "bf16")  # an earlier, sharded export in the same folder
     export_to_transformers(ours, tmp_path / "bf16", dtype=torch.bfloat16)
+    assert sorted(p.name for p in (tmp_path / "bf16").glob("model*")) == ["model.safetensors"]
     with safe_open(tmp_path / "bf16" / "model.safetensors", "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
