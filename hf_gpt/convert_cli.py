@@ -20,7 +20,14 @@ from pathlib import Path
 
 import torch
 
-from .conversion import FOREIGN_MODEL_TYPES, CheckpointError, export_to_transformers, load_checkpoint, plain_format
+from .conversion import (
+    FOREIGN_MODEL_TYPES,
+    CheckpointError,
+    export_to_transformers,
+    load_checkpoint,
+    plain_format,
+    read_config_dict,
+)
 from .tokenization import load_tokenizer
 
 logger = logging.getLogger("hf_gpt.convert")
@@ -92,12 +99,31 @@ def _run(prog: str, main: Callable[[argparse.Namespace], str], args: argparse.Na
     return 0
 
 
+# What both commands carry over: the language model. A task head would be silently dropped.
+LANGUAGE_MODELS = {
+    "GPTForCausalLM",
+    "GPTModel",
+    "GPT2LMHeadModel",
+    "GPT2Model",
+    "OpenAIGPTLMHeadModel",
+    "OpenAIGPTModel",
+}
+
+
 def _load(src: str, accept: tuple[str, ...], dtype: torch.dtype | None):
     """(GPTForCausalLM, source model_type, tokenizer or None) from any checkpoint `load_checkpoint` reads."""
     from .modeling_gpt import GPTForCausalLM
 
     start = time.perf_counter()
     logger.info("reading %s", src)
+    cfg = read_config_dict(src) or {}
+    architectures = set(cfg.get("architectures") or [])
+    if cfg.get("model_type") in accept and architectures - LANGUAGE_MODELS:
+        raise CheckpointError(
+            f"{src} holds a {', '.join(sorted(architectures))}; this command converts language models "
+            f"({', '.join(sorted(LANGUAGE_MODELS))}) and would drop its task head. Load task models in Python "
+            "instead, e.g. hf_gpt.GPTForSequenceClassification.from_pretrained(SRC)."
+        )
     config, state, model_type = load_checkpoint(src, accept=accept)
     size = sum(t.nbytes for t in state.values())
     logger.info(

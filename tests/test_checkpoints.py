@@ -276,6 +276,27 @@ def test_model_trained_here_exports(family, tmp_path):
     assert load_vanilla(tmp_path / "bf16", cls).dtype == torch.bfloat16
 
 
+def test_bare_model_exports_with_tied_head(tmp_path):
+    torch.manual_seed(0)
+    base = GPTModel(GPTConfig(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2)).eval()
+    export_to_transformers(base, tmp_path)
+    back = load_vanilla(tmp_path, GPT2LMHeadModel)
+    ids = torch.randint(0, 64, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            back.transformer(ids).last_hidden_state, base(ids).last_hidden_state, atol=ATOL, rtol=0
+        )
+    assert torch.equal(back.lm_head.weight, base.wte.weight)
+
+
+def test_task_heads_are_not_exported_as_language_models(tmp_path):
+    from hf_gpt import GPTForSequenceClassification
+
+    model = GPTForSequenceClassification(GPTConfig(vocab_size=64, n_positions=32, n_embd=32, n_layer=1, n_head=2))
+    with pytest.raises(ValueError, match="writes language models; got GPTForSequenceClassification"):
+        export_to_transformers(model, tmp_path / "out")
+
+
 def test_export_writes_gpt2_tokenizer(tmp_path):
     torch.manual_seed(0)
     ours = GPTForCausalLM(GPTConfig(vocab_size=50257, n_positions=32, n_embd=16, n_layer=1, n_head=2))

