@@ -194,3 +194,30 @@ def test_arguments_from_a_yaml_file_and_gpt1_defaults(tmp_path):
     assert (args.lr_scheduler_type, args.warmup_steps) == ("linear", 0.002)
     with pytest.raises(ValueError, match="--task"):
         DataArguments(task="translation")
+
+
+def test_transfer_table_from_run_folders(tmp_path):
+    """training.transfer's table: mean (range) over seeds of each configuration, beside chance."""
+    from training.transfer import markdown, summarize, variants
+
+    assert list(variants([1e-3], [])) == ["pretrained", "pretrained_lr0.001", "scratch"]
+    assert variants([], [1e-3])["scratch_lr0.001"] == ["--from_scratch", "--learning_rate", "0.001"]
+    for name, scores in {"pretrained": [0.5, 0.6], "scratch": [0.3, 0.25]}.items():
+        for seed, acc in enumerate(scores):
+            run = tmp_path / f"multiple_choice-{name}-seed{seed}"
+            run.mkdir()
+            info = {"metrics": {"accuracy": acc}, "chance": {"accuracy": 0.25}}
+            (run / "run_info.json").write_text(json.dumps(info))
+    rows = summarize(tmp_path, ["multiple_choice"], ["pretrained", "scratch"], [0, 1])
+    assert rows == [
+        {
+            "task": "multiple_choice",
+            "offline_task": "next_line",
+            "pretrained": [0.5, 0.6],
+            "chance": 0.25,
+            "scratch": [0.3, 0.25],
+        }
+    ]
+    assert markdown(rows, ["pretrained", "scratch"]).splitlines()[2] == (
+        "| multiple_choice (next_line) | 25.0 | 55.0 (50.0–60.0) | 27.5 (25.0–30.0) |"
+    )

@@ -261,11 +261,15 @@ class Prepared:
     model_init: Callable[..., torch.nn.Module]
 
 
+def task_sizes(d: DataArguments) -> TaskSizes:
+    """The offline task's sizes the data arguments ask for (per-task default training-set size)."""
+    train_n = d.train_examples or DEFAULT_TRAIN_EXAMPLES[d.task]
+    return TaskSizes(train=train_n, eval=d.eval_examples, passage_lines=d.passage_lines)
+
+
 def prepare(m: ModelArguments, d: DataArguments) -> Prepared:
     """Load the task's data and tokenizer, add the task tokens, and encode GPT-1's input transformations."""
-    train_n = d.train_examples or DEFAULT_TRAIN_EXAMPLES[d.task]
-    sizes = TaskSizes(train=train_n, eval=d.eval_examples, passage_lines=d.passage_lines)
-    raw = load_task(d.task, d.dataset, sizes)
+    raw = load_task(d.task, d.dataset, task_sizes(d))
     if d.max_train_samples is not None:
         raw["train"] = raw["train"].select(range(min(d.max_train_samples, len(raw["train"]))))
     if d.max_eval_samples is not None:
@@ -286,7 +290,9 @@ def prepare(m: ModelArguments, d: DataArguments) -> Prepared:
     encoder = TaskEncoder(tokenizer, max_length, truncate=d.truncate)
 
     def encode(split):
-        return split.map(lambda ex: encoder(d.task, ex), remove_columns=[c for c in split.column_names if c != "label"])
+        drop = [c for c in split.column_names if c != "label"]
+        # In memory: seconds of work, and no cache files for concurrent runs to race on.
+        return split.map(lambda ex: encoder(d.task, ex), remove_columns=drop, keep_in_memory=True)
 
     return Prepared(
         task=d.task,

@@ -32,6 +32,7 @@ import logging
 import os
 import random
 import re
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
@@ -247,7 +248,11 @@ def load_offline_task(task: str, sizes: TaskSizes = TaskSizes()) -> datasets.Dat
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     dd.save_to_disk(str(tmp))
-    os.replace(tmp, folder)  # atomic: a concurrent reader never sees a half-written cache
+    try:
+        os.replace(tmp, folder)  # atomic: a concurrent reader never sees a half-written cache
+    except OSError:  # another process built the same folder first; theirs and ours are identical
+        shutil.rmtree(tmp, ignore_errors=True)
+        return datasets.load_from_disk(str(folder))
     logger.info("built %s (%s) into %s", task, OFFLINE_NAMES[task], folder)
     return dd
 
