@@ -80,19 +80,15 @@ def test_finetune_each_task_type_end_to_end(task, toy_corpus, toy_lm, tmp_path):
     assert again["accuracy"] == pytest.approx(info["metrics"]["accuracy"], abs=1e-6)
 
 
-def test_classification_learns_the_genre_from_scratch(toy_corpus, tmp_path):
+def test_classification_learns_the_genre_from_scratch(toy_corpus, tmp_path, monkeypatch):
     """On the toy corpus the genre shows in the words: a tiny model trained briefly must beat chance clearly."""
     argv = ["--task", "classification", "--from_scratch", "--n_layer", "1", "--n_embd", "32", "--n_head", "2"]
     argv += ["--n_positions", "64", "--output_dir", str(tmp_path / "run"), *SMALL[:-2], "--train_examples", "256"]
     argv += ["--learning_rate", "3e-3", "--num_train_epochs", "4", "--per_device_train_batch_size", "16"]
     argv += ["--disable_tqdm", "true", "--aux_lm_weight", "0"]
-    monkey_tok = toy_tokenizer()
-    finetune_tok = finetune.load_base_tokenizer
-    finetune.load_base_tokenizer = lambda m: monkey_tok  # the toy vocabulary instead of GPT-2's 50,257
-    try:
-        finetune.main(argv)
-    finally:
-        finetune.load_base_tokenizer = finetune_tok
+    tok = toy_tokenizer()
+    monkeypatch.setattr(finetune, "load_base_tokenizer", lambda m: tok)  # the toy vocabulary, not GPT-2's 50,257
+    finetune.main(argv)
     info = json.loads((tmp_path / "run" / "run_info.json").read_text())
     assert info["from_scratch"] and info["base_model"] is None
     assert info["metrics"]["accuracy"] > 0.6, info["metrics"]
