@@ -217,3 +217,12 @@ def test_transfer_table_from_run_folders(tmp_path):
     assert markdown(rows, ["pretrained", "scratch"]).splitlines()[2] == (
         "| multiple_choice (next_line) | 25.0 | 55.0 (50.0–60.0) | 27.5 (25.0–30.0) |"
     )
+
+
+@pytest.mark.parametrize("module", ["training.finetune", "training.hpo"])
+def test_help_renders(module, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(module).main(["--help"])
+    assert exit_.value.code == 0 and "--aux_lm_weight" in capsys.readouterr().out

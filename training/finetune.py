@@ -114,7 +114,9 @@ class FinetuneTrainingArguments(TrainingArguments):
     per_device_eval_batch_size: int = field(default=64, metadata={"help": "evaluation batch size"})
     num_train_epochs: float = field(default=3.0, metadata={"help": "GPT-1: 3"})
     lr_scheduler_type: str = field(default="linear", metadata={"help": "GPT-1: linear decay"})
-    warmup_steps: float = field(default=0.002, metadata={"help": "GPT-1: warmup over 0.2% of training"})
+    warmup_steps: float = field(
+        default=0.002, metadata={"help": "GPT-1: warmup over 0.2%% of training (a fraction below 1)"}
+    )
     weight_decay: float = field(default=0.01, metadata={"help": "GPT-1: L2 0.01 (here AdamW's decoupled decay)"})
     eval_strategy: str = field(default="epoch", metadata={"help": "evaluate after every epoch"})
     save_strategy: str = field(default="no", metadata={"help": "the final model is saved to the run folder"})
