@@ -371,6 +371,9 @@ def foreign_config(config: GPTConfig, family: str, tied: bool, dtype: torch.dtyp
     common = dict(
         vocab_size=config.vocab_size,
         n_positions=config.n_positions,
+        # transformers no longer reads n_ctx, but OpenAI's released configs carry it and llama.cpp's GPT-2
+        # converter (convert_hf_to_gguf.py) takes the context length from it.
+        n_ctx=config.n_positions,
         n_embd=config.n_embd,
         n_layer=config.n_layer,
         n_head=config.n_head,

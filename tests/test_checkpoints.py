@@ -238,7 +238,8 @@ def test_round_trip_is_bit_exact(family, refs, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     exported = json.loads((tmp_path / "out" / "config.json").read_text())
     original = json.loads((folder / "config.json").read_text())  # as transformers' save_pretrained wrote it
-    assert exported.keys() == original.keys()
+    assert exported.keys() == original.keys() | {"n_ctx"}  # n_ctx as in OpenAI's configs, for llama.cpp
+    assert exported["n_ctx"] == exported["n_positions"] == ref.config.n_positions
     assert exported["model_type"] == ref.config.model_type and exported["architectures"] == original["architectures"]
     ids = torch.randint(0, ref.config.vocab_size, (2, 20))
     with torch.no_grad():
