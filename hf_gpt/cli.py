@@ -12,6 +12,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("training.finetune:main", "GPT-1 style task fine-tuning (classification, entailment, ...)"),
     "convert": ("hf_gpt.convert_cli:convert_main", "GPT-2 / GPT-1 checkpoint or Hub id -> hf_gpt folder"),
     "export": ("hf_gpt.convert_cli:export_main", "hf_gpt folder -> plain transformers GPT-2 / OpenAI-GPT folder"),
+    "hpo": ("training.hpo:main", "grid / random search over fine-tuning hyperparameters (optuna)"),
+    "transfer": ("training.transfer:main", "pretrained vs from-scratch fine-tuning on the four offline tasks"),
     "eval-ppl": ("training.evaluate:main", "sliding-window perplexity of a model on a text file"),
     "bench": ("benchmarks.bench:main", "speed and memory against transformers' GPT-2"),
     "card": ("model_cards.generate:main", "write the model card (README.md) of a run folder"),

@@ -120,6 +120,7 @@ class GPTConfig(PretrainedConfig):
         attention_pattern: list of "global"/"local", cycled over the layers.
         local_window: how many most recent positions (itself included) a "local" layer attends to.
         bos_token_id, eos_token_id: default to the last id, as GPT-2's <|endoftext|> (50256).
+        pad_token_id: the id the task heads treat as padding when no attention_mask is given (GPT-2 has none).
         aux_lm_weight: task heads add this times the language-model loss on their inputs (GPT-1 sec. 3.2,
             lambda = 0.5 in the paper; 0 turns it off).
         classifier_dropout: dropout before the token-classification head (as transformers' GPT-2).
@@ -159,6 +160,7 @@ class GPTConfig(PretrainedConfig):
         use_cache: bool = True,
         bos_token_id: int | None | str = "last",
         eos_token_id: int | None | str = "last",
+        pad_token_id: int | None = None,
         tie_word_embeddings: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -188,6 +190,7 @@ class GPTConfig(PretrainedConfig):
         super().__init__(
             bos_token_id=bos_token_id,
             eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
             tie_word_embeddings=tie_word_embeddings,
             **kwargs,
         )
