@@ -28,7 +28,8 @@ from hf_gpt import GPTConfig, GPTForCausalLM, GPTForSequenceClassification
 from hf_gpt.convert_cli import write_atomically
 
 HELLO_IDS = [15496, 11, 314, 1101, 257, 3303, 2746, 11]
-ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+# Up to eight of these run at once on two cores: one thread each, or OpenMP's spinning threads fight.
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
 
 
 def hf_gpt_command() -> list[str]:

@@ -171,7 +171,6 @@ def test_eval_ppl_cli_same_for_ours_and_transformers(gpt2_50k, capsys):
     theirs = eval_ppl(str(folder), str(text), "--stride", "32")
     ours = eval_ppl(str(folder), str(text), "--stride", "32", "--hf-gpt")
     assert theirs["model_class"] == "GPT2LMHeadModel" and ours["model_class"] == "GPTForCausalLM"
-    print(f"\neval-ppl stride 32: transformers {theirs['perplexity']:.6f}, ours {ours['perplexity']:.6f}")
     assert ours["perplexity"] == pytest.approx(theirs["perplexity"], rel=1e-4)
     assert ours["n_tokens"] == theirs["n_tokens"] > 300
     # A second stride, in-process (same code path, without paying for two more interpreter starts).
@@ -181,9 +180,11 @@ def test_eval_ppl_cli_same_for_ours_and_transformers(gpt2_50k, capsys):
     for flag in ([], ["--hf-gpt"]):
         assert main([str(folder), str(text), "--stride", "64", *flag]) == 0
         results[bool(flag)] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    print(
-        f"eval-ppl stride 64: transformers {results[False]['perplexity']:.6f}, ours {results[True]['perplexity']:.6f}"
-    )
+    with capsys.disabled():  # the figures, for the record
+        print(f"\neval-ppl stride 32: transformers {theirs['perplexity']:.6f}, ours {ours['perplexity']:.6f}")
+        print(
+            f"eval-ppl stride 64: transformers {results[False]['perplexity']:.6f}, ours {results[True]['perplexity']:.6f}"
+        )
     assert results[True]["perplexity"] == pytest.approx(results[False]["perplexity"], rel=1e-4)
     assert results[True]["perplexity"] != pytest.approx(ours["perplexity"], rel=1e-6)  # the stride matters
 
