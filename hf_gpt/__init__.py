@@ -15,6 +15,8 @@ from transformers import (
 )
 
 from .configuration_gpt import PRESETS, GPTConfig
+from .conversion import CheckpointError, export_to_transformers
+from .embeddings import embed, mean_pool
 from .modeling_gpt import (
     GPTForCausalLM,
     GPTForMultipleChoice,
@@ -24,7 +26,8 @@ from .modeling_gpt import (
     GPTModel,
     GPTPreTrainedModel,
 )
-from .tokenization import gpt2_tokenizer
+from .perplexity import sliding_window_perplexity
+from .tokenization import gpt2_tokenizer, load_tokenizer, save_with_tokenizer
 
 __version__ = "0.1.0"
 
@@ -56,5 +59,12 @@ __all__ = [
     "GPTForTokenClassification",
     "GPTForQuestionAnswering",
     "gpt2_tokenizer",
+    "load_tokenizer",
+    "save_with_tokenizer",
+    "export_to_transformers",
+    "CheckpointError",
+    "sliding_window_perplexity",
+    "embed",
+    "mean_pool",
     "__version__",
 ]

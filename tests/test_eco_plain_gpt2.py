@@ -87,11 +87,6 @@ def test_export_has_what_vllm_and_llama_cpp_read(exported):
     assert shape == [cfg["n_embd"], 3 * cfg["n_embd"]]  # GPT-2's Conv1D layout (in, out), as the converters expect
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hf_gpt.conversion.foreign_config writes no `n_ctx`; llama.cpp's GPT2Model.set_gguf_parameters reads "
-    "hparams['n_ctx'] (OpenAI's gpt2 config.json has it) and raises KeyError without it. Fix: GPT2Config(n_ctx=n_positions, ...).",
-)
 def test_export_config_has_n_ctx_for_llama_cpp(exported):
     model, folder, _ = exported
     assert json.loads((folder / "config.json").read_text()).get("n_ctx") == model.config.n_positions
