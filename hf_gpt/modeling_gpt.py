@@ -9,6 +9,8 @@ transpose (see `conversion.py`).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +71,95 @@ def last_token_index(
     return (positions * real).argmax(-1)  # (B,)
 
 
+@contextmanager
+def one_row_matmuls(tokens: torch.Tensor | None) -> Iterator[None]:
+    """On CPU, while the forward holds a single token (decoding at batch 1), use PyTorch's own matmul kernels
+    instead of oneDNN's: for one row, its bf16 matrix-vector kernel streams the weights about twice as fast
+    (measured on the project's machine; fp32 goes through the same BLAS either way, bit for bit). For more
+    rows oneDNN is the faster one, so it stays."""
+    one_row = tokens is not None and tokens.device.type == "cpu" and tokens.shape[:2].numel() == 1
+    if not one_row or not torch.backends.mkldnn.enabled or torch.compiler.is_compiling():
+        yield
+        return
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = True
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of `h @ weight.T` against `targets`, made a chunk of rows at a time.
+
+    The training loss of a 50k-token vocabulary is dominated by memory, not arithmetic: the usual path
+    keeps (N, vocab) logits, their fp32 copy, the log-softmax and its gradient, several hundred MB at
+    GPT-2 small and a few full passes over each. Here each chunk's logits live only while that chunk's
+    loss and gradient (softmax - one-hot, as in any cross-entropy backward) are computed, and the
+    gradients of `h` and `weight` are finished in the same pass; backward only scales them. The matmuls
+    run in `compute_dtype` (bf16 under autocast), the softmax and the sums in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, denominator, compute_dtype, ignore_index=-100):
+        # h (N, C), weight (V, C), targets (N,) with `ignore_index` for positions without a target.
+        needs_grad_h, needs_grad_w = ctx.needs_input_grad[:2]
+        with torch.autocast(h.device.type, enabled=False):
+            w = weight.to(compute_dtype)
+            grad_h = torch.empty(h.shape, dtype=compute_dtype, device=h.device) if needs_grad_h else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if needs_grad_w else None
+            total = torch.zeros((), dtype=torch.float32, device=h.device)
+            chunk = max(1, 2**25 // weight.shape[0])  # rows whose fp32 logits take ~128 MB
+            for start in range(0, h.shape[0], chunk):
+                hc, tc = h[start : start + chunk].to(compute_dtype), targets[start : start + chunk]
+                logp = torch.log_softmax(hc @ w.T, dim=-1, dtype=torch.float32)  # (n, V)
+                ignored = tc == ignore_index
+                tc = tc.masked_fill(ignored, 0)
+                total -= logp.gather(1, tc[:, None]).squeeze(1).masked_fill(ignored, 0.0).sum()
+                if not (needs_grad_h or needs_grad_w):
+                    continue
+                grad = logp.exp_()  # d(-log p_target)/d(logits) = softmax - one-hot
+                grad[torch.arange(len(tc), device=h.device), tc] -= 1.0
+                grad.masked_fill_(ignored[:, None], 0.0)  # (boolean indexing would sync a GPU)
+                grad = grad.to(compute_dtype)
+                if needs_grad_h:
+                    torch.mm(grad, w, out=grad_h[start : start + chunk])
+                if needs_grad_w:
+                    grad_w += grad.T @ hc
+        ctx.save_for_backward(grad_h, grad_w, denominator)
+        ctx.dtypes = h.dtype, weight.dtype
+        return total / denominator
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w, denominator = ctx.saved_tensors
+        scale = grad_loss / denominator
+        h_dtype, w_dtype = ctx.dtypes
+        grad_h = (grad_h * scale).to(h_dtype) if grad_h is not None else None
+        grad_w = (grad_w * scale).to(w_dtype) if grad_w is not None else None
+        return grad_h, grad_w, None, None, None, None
+
+
+def causal_lm_loss(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Next-token loss from the final hidden states (B, T, C), without materialising (B, T, vocab) logits.
+
+    Same value as transformers' `ForCausalLMLoss` on `h @ weight.T`: labels are shifted by one, `ignore_index`
+    is skipped, the mean is over counted targets, or the sum over `num_items_in_batch` when given.
+    """
+    targets = F.pad(labels[:, 1:], (0, 1), value=ignore_index).reshape(-1)  # (B*T,): token t predicts t+1
+    if num_items_in_batch is None:
+        denominator = (targets != ignore_index).sum()
+    else:
+        denominator = torch.as_tensor(num_items_in_batch, device=h.device)
+    compute_dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+    return LinearCrossEntropy.apply(h.flatten(0, 1), weight, targets, denominator, compute_dtype, ignore_index)
+
+
 class AttentionMasks:
     """Builds, once per forward and per kind, the boolean masks (True = may attend) the blocks share.
 
@@ -81,15 +172,23 @@ class AttentionMasks:
     def __init__(
         self,
         key_padding: torch.Tensor | None,
-        past: int,
+        past: int | torch.Tensor,
         q_len: int,
         window: int,
         documents: torch.Tensor | None = None,
     ) -> None:
-        self.key_padding = key_padding  # (B, past + T) bool, or None when nothing is padded
+        self.key_padding = key_padding  # (B, past + T) or (B, static cache length) bool; None: nothing padded
         self.documents = documents  # (B, T) index of the packed document of each token, or None
+        # `past` is a 0-d tensor for static caches. It is only ever added to, never read back into Python,
+        # so a compiled decoding step has no data-dependent branch.
         self.past, self.q_len, self.window = past, q_len, window
-        self._built: dict[tuple[str, int], torch.Tensor | None] = {}
+        self._built: dict = {}
+
+    def slots(self, device: torch.device) -> torch.Tensor:
+        """(T,) cache slot of each query: past + arange(T)."""
+        if "slots" not in self._built:
+            self._built["slots"] = self.past + torch.arange(self.q_len, device=device)
+        return self._built["slots"]
 
     def get(self, kind: str, k_len: int, device: torch.device) -> torch.Tensor | None:
         key = (kind, k_len)
@@ -99,10 +198,11 @@ class AttentionMasks:
 
     def _build(self, kind: str, k_len: int, device: torch.device) -> torch.Tensor | None:
         T = self.q_len
-        plain = self.key_padding is None and self.documents is None and self.past == 0 and k_len == T
+        no_past = isinstance(self.past, int) and self.past == 0
+        plain = self.key_padding is None and self.documents is None and no_past and k_len == T
         if plain and (kind == "global" or self.window >= T):
             return None
-        q_slot = torch.arange(self.past, self.past + T, device=device)[:, None]  # (T, 1)
+        q_slot = self.slots(device)[:, None]  # (T, 1)
         k_slot = torch.arange(k_len, device=device)[None, :]  # (1, Tk)
         mask = k_slot <= q_slot
         if kind == "local":
@@ -150,19 +250,23 @@ class GPTAttention(nn.Module):
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         if cache is not None:
             # The slot positions are passed for caches (static ones on older transformers) that need them.
-            slots = torch.arange(masks.past, masks.past + T, device=x.device)
-            k, v = cache.update(k, v, self.layer_idx, {"cache_position": slots})  # (B, nh, Tk, hs)
+            k, v = cache.update(k, v, self.layer_idx, {"cache_position": masks.slots(x.device)})  # (B, nh, Tk, hs)
         mask = masks.get(self.kind, k.shape[2], x.device)  # (B|1, 1, T, Tk) or None = plain causal
 
         dropout = self.config.attn_pdrop if self.training else 0.0
         weights = None
-        if output_attentions or self.config._attn_implementation == "eager":
-            # Written out so the attention probabilities can be returned.
+        # Written out so the attention probabilities can be returned. Also on CPU where SDPA is slower: with
+        # attention dropout it has no fused kernel and its fallback makes several more passes over
+        # (B, nh, T, Tk); in bf16 its fused kernel is tuned for long queries, not a decoding step's one.
+        one_query = T == 1 and q.dtype != torch.float32
+        written_out = x.device.type == "cpu" and (dropout > 0 or one_query)
+        if output_attentions or self.config._attn_implementation == "eager" or written_out:
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, nh, T, Tk)
             if mask is None:
                 mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril()
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-            weights = self.attn_dropout(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
+            # Softmax in the scores' dtype: low-precision kernels accumulate in fp32 and round once.
+            weights = self.attn_dropout(F.softmax(scores, dim=-1))
             y = weights @ v  # (B, nh, T, hs)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
@@ -320,17 +424,25 @@ class GPTModel(GPTPreTrainedModel):
             raise ValueError("Empty input: `input_ids` / `inputs_embeds` must hold at least one token per row.")
         if use_cache and cache is None:
             cache = DynamicCache(config=cfg)
-        past = cache.get_seq_length() if cache is not None else 0
-        if position_ids is None and past + T > cfg.n_positions:
+        past = cache.get_seq_length() if cache is not None else 0  # int, or a 0-d tensor for static caches
+        compiling = torch.compiler.is_compiling()  # then skip the checks that read tensors into Python
+        if position_ids is None and not compiling and past + T > cfg.n_positions:
             raise ValueError(
                 f"Input of {past + T} tokens (including {past} cached) is longer than the model's {cfg.n_positions} "
                 "positions (config.n_positions). Crop the input to its last n_positions tokens, or evaluate long "
                 "texts with a sliding window (`hf-gpt eval-ppl --stride`)."
             )
-        if attention_mask is not None and (attention_mask.dim() != 2 or tuple(attention_mask.shape) != (B, past + T)):
+        # A static cache may also take the mask padded to its full length (what generate() passes it, so
+        # every decoding step has the same shapes).
+        widths = (int(past) + T, cache.get_max_length() if cache is not None else -1) if not compiling else ()
+        if (
+            attention_mask is not None
+            and widths
+            and (attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] not in widths)
+        ):
             raise ValueError(
                 f"attention_mask has shape {tuple(attention_mask.shape)}; expected (batch, past + new tokens) = "
-                f"({B}, {past + T}): one 0/1 entry per cached and new token."
+                f"({B}, {widths[0]}): one 0/1 entry per cached and new token."
             )
         if position_ids is not None:
             if position_ids.dim() != 2 or position_ids.shape[1] != T or position_ids.shape[0] not in (1, B):
@@ -342,14 +454,15 @@ class GPTModel(GPTPreTrainedModel):
         key_padding = None
         if attention_mask is not None:
             key_padding = attention_mask.bool()
-            if key_padding.all():
+            if not compiling and key_padding.all():
                 key_padding = None  # all ones: the fast causal path applies
+        slots = past + torch.arange(T, device=inputs_embeds.device)  # (T,) cache slots of the new tokens
         if position_ids is None:
             if key_padding is not None:
                 # Count only real tokens, so a left-padded row gets the positions it would have alone.
-                position_ids = (key_padding.long().cumsum(-1) - 1).clamp(min=0)[:, past : past + T]
+                position_ids = (key_padding.long().cumsum(-1) - 1).clamp(min=0).index_select(1, slots)
             else:
-                position_ids = torch.arange(past, past + T, device=inputs_embeds.device)[None]  # (1, T)
+                position_ids = slots[None]  # (1, T)
         x = inputs_embeds + self.wpe(position_ids)  # (B, T, C)
         if token_type_ids is not None:
             x = x + self.wte(token_type_ids)
@@ -419,29 +532,46 @@ class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
             **kwargs: handed to the loss (Trainer's `num_items_in_batch` makes gradient accumulation exact).
         Returns:
             `CausalLMOutputWithPast` with `logits` (B, T', vocab_size) and `loss` when labels are given.
+            In training mode with labels (and grad enabled), `logits` is None: the loss is computed
+            without them.
         """
-        out = self.transformer(
-            input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache if cache is not None else past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
-        h = out.last_hidden_state  # (B, T, C)
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(h[:, keep, :])  # (B, T', vocab)
-        loss = None
-        if labels is not None:
-            if labels.shape != h.shape[:2]:
+        with one_row_matmuls(input_ids if input_ids is not None else inputs_embeds):
+            out = self.transformer(
+                input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache if cache is not None else past_key_values,
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+                return_dict=True,
+            )
+            h = out.last_hidden_state  # (B, T, C)
+            if labels is not None and labels.shape != h.shape[:2]:
                 raise ValueError(
                     f"labels has shape {tuple(labels.shape)}; expected {tuple(h.shape[:2])} like input_ids "
                     "(the model shifts them by one itself; use -100 for positions to ignore)."
                 )
-            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
+            # A training step needs only the loss: take it straight from h a chunk at a time (`causal_lm_loss`),
+            # so the (B, T, vocab) logits are never made and `logits` is None, as with transformers' Liger
+            # kernels. In eval mode (Trainer.evaluate / predict) or without grad, logits come back as usual.
+            loss_only = (
+                labels is not None
+                and self.training
+                and torch.is_grad_enabled()
+                and isinstance(logits_to_keep, int)
+                and logits_to_keep == 0
+                and set(kwargs) <= {"num_items_in_batch"}
+            )
+            logits = loss = None
+            if loss_only:
+                loss = causal_lm_loss(h, self.lm_head.weight, labels, kwargs.get("num_items_in_batch"))
+            else:
+                keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+                logits = self.lm_head(h[:, keep, :])  # (B, T', vocab)
+                if labels is not None:
+                    loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
         result = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -452,9 +582,17 @@ class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
         return result if return_dict is not False else result.to_tuple()
 
     @staticmethod
-    def create_masks_for_generate(attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
-        """generate() would turn the 2-D mask into a 4-D one for static caches; our forward builds its own."""
-        return attention_mask
+    def create_masks_for_generate(
+        attention_mask: torch.Tensor | None = None, cache: Cache | None = None, **kwargs
+    ) -> torch.Tensor | None:
+        """generate() would turn the 2-D mask into a 4-D one for static caches; our forward builds its own.
+        For a static cache, the 2-D mask is padded to the cache's length, so that every decoding step has the
+        same shapes and a compiled forward (CUDA graphs) is reused rather than rebuilt."""
+        cache = cache if cache is not None else kwargs.get("past_key_values")
+        max_len = cache.get_max_length() if isinstance(cache, Cache) else -1
+        if attention_mask is None or attention_mask.dim() != 2 or max_len <= attention_mask.shape[1]:
+            return attention_mask
+        return F.pad(attention_mask, (0, max_len - attention_mask.shape[1]), value=0)
 
 
 class GPTHeadModel(GPTPreTrainedModel):
