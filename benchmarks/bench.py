@@ -70,7 +70,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for both models (default 2)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per row (default 5, quick 1)")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs per model first (default 2, quick 1)")
-    p.add_argument("--rows", default="train,memory,prefill,decode", help="comma list of row groups to run")
+    p.add_argument(
+        "--rows",
+        default="train,memory,prefill,decode",
+        help="comma list of row groups to run (train, memory, prefill, decode; profile: where a training step's time goes)",
+    )
     p.add_argument("--batch", type=int, default=None, help="training batch (default 4)")
     p.add_argument("--seq", type=int, default=None, help="training sequence length (default 256)")
     p.add_argument("--new-tokens", type=int, default=None, help="decode: new tokens per generate (default 128)")
@@ -118,7 +122,7 @@ def check_same_model(ref: torch.nn.Module, ours: torch.nn.Module, vocab: int) ->
         theirs = p.T if name in conv1d else p
         weight_diff = max(weight_diff, (ours_params[name] - theirs).abs().max().item())
     torch.manual_seed(1)
-    ids = torch.randint(0, vocab, (2, 48))
+    ids = torch.randint(0, vocab, (2, 48)).to(ref.device)
     ref.eval(), ours.eval()
     with torch.no_grad():
         a, b = ref(ids, labels=ids), ours(ids, labels=ids)
@@ -273,6 +277,44 @@ def measure_training(ref, ours, args) -> list[dict]:
     return rows
 
 
+# Where the time of a training step goes: torch.profiler self CPU time, grouped by kind of op.
+OP_GROUPS = {
+    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
+    "copies and dtype casts": ("aten::copy_", "aten::cat", "aten::contiguous"),
+    "dropout RNG": ("aten::bernoulli_",),
+    "softmax / log-softmax (attention, loss)": ("softmax", "log_softmax", "logsumexp"),
+    "optimizer, clipping, zero_grad": ("adam", "norm", "zero_", "fill_", "_foreach"),
+}
+
+
+def profile_training(ref, ours, args) -> dict:
+    from torch.profiler import profile
+
+    B, T = args.shape["batch"], args.shape["seq"]
+    batch = training_batch(ref.config.vocab_size, B, T)
+    result = {}
+    for dtype in ("fp32", "bf16"):
+        for name, base in (("transformers", ref), ("hf_gpt", ours)):
+            step = train_step_fn(copy.deepcopy(base), dtype, batch)
+            step()
+            with profile() as prof:
+                step()
+            events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+            total = sum(e.self_cpu_time_total for e in events)
+            groups = dict.fromkeys([*OP_GROUPS, "other"], 0.0)
+            for e in events:
+                group = next((g for g, keys in OP_GROUPS.items() if any(k in e.key for k in keys)), "other")
+                groups[group] += e.self_cpu_time_total
+            top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:8]
+            result[f"train {dtype} {name}"] = dict(
+                total_s=total / 1e6,
+                share={g: round(t / total, 3) for g, t in groups.items()},
+                top_ops=[(e.key, e.count, round(e.self_cpu_time_total / 1e6, 3)) for e in top],
+            )
+            print(f"# profile train {dtype} {name}: {result[f'train {dtype} {name}']}", flush=True)
+    return result
+
+
 def measure_prefill(ref, ours, args) -> list[dict]:
     T = min(args.shape["prefill"], ref.config.n_positions)
     torch.manual_seed(3)
@@ -400,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += measure_prefill(ref, ours, args)
         if "decode" in groups:
             rows += measure_decode(ref, ours, args)
+        profiled = profile_training(ref, ours, args) if "profile" in groups else None
     text = table(rows)
     print(text)
     result = dict(
@@ -413,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         parity=parity,
         rows=rows,
         table=text,
+        profile=profiled,
     )
     if args.json:
         args.json.write_text(json.dumps(result, indent=1, default=str))

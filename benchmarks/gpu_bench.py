@@ -14,6 +14,7 @@ time budget `--budget` would be exceeded):
    figure of the H100/H200 SXM datasheet; the measured bf16 matmul rate is reported beside it.
 3. decode: greedy `generate()` at batch 1, bf16 weights, static cache (generate() then compiles the
    forward itself, mode "reduce-overhead"), and the eager dynamic-cache baseline; milliseconds per token.
+4. profile (not run by default): the top ops of one eager training step of each model, by device time.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=10, help="timed training steps per model")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--budget", type=float, default=380.0, help="seconds; later sections are skipped past it")
-    p.add_argument("--sections", default="parity,train,decode,train_compiled")
+    p.add_argument("--sections", default="parity,train,decode,train_compiled", help="also: profile")
     p.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; quick: eager)")
     return p.parse_args(argv)
 
@@ -131,6 +132,41 @@ def train_rows(ref, ours, args, compiled: bool) -> list[dict]:
     ]
 
 
+def profile_train(ref, ours, args) -> dict:
+    """Top ops of one eager bf16 training step of each model, by self device time (CPU time on CPU)."""
+    import copy
+
+    from torch.profiler import ProfilerActivity, profile
+
+    device, T, B = args.device, args.seq, args.batch_size
+    ids = torch.randint(0, ref.config.vocab_size, (B, T), device=device)
+    cuda = device.startswith("cuda")
+    result = {}
+    for name, base in (("transformers", ref), ("hf_gpt", ours)):
+        model = copy.deepcopy(base).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=5e-5, fused=cuda)
+
+        def step(model=model, opt=opt):
+            with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            model.zero_grad(set_to_none=True)
+
+        step()
+        sync(device)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
+            step()
+            sync(device)
+        sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        result[name] = prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=50)
+        print(f"# profile {name}\n{result[name]}", flush=True)
+        del model, opt
+    return result
+
+
 def decode_rows(ref, ours, args) -> list[dict]:
     import copy
 
@@ -202,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         ref, ours = (load(Path(tmp), w).to(args.device) for w in ("transformers", "hf_gpt"))
     sections = args.sections.split(",")
     # Rough minimum seconds each section needs; a section starts only if that much budget is left.
-    need = dict(parity=10, train=30, train_compiled=120, decode=150)
+    need = dict(parity=10, train=30, train_compiled=120, decode=150, profile=20)
     for section in sections:
         left = args.budget - (time.perf_counter() - t_start)
         if left < need[section] and not args.quick:
@@ -220,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
                 result["rows"] += train_rows(ref, ours, args, compiled=True)
             elif section == "decode":
                 result["rows"] += decode_rows(ref, ours, args)
+            elif section == "profile":
+                result["profile"] = profile_train(ref, ours, args)
         except Exception:  # keep the other sections' numbers
             result["errors"][section] = traceback.format_exc()[-3000:]
         print(f"# {section} done at {time.perf_counter() - t_start:.0f} s", flush=True)
