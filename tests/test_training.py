@@ -78,7 +78,7 @@ def test_tiny_run_on_the_shakespeare_corpus(tmp_path, datasets_cache):
     info = train(
         out, *TINY, "--max_steps", "40", "--eval_steps", "20", "--save_steps", "20", "--logging_steps", "5",
         "--learning_rate", "1e-2", "--per_device_train_batch_size", "16", "--max_train_samples", "2000",
-        "--max_eval_samples", "64", "--num_samples", "2", "--sample_max_new_tokens", "20",
+        "--max_eval_samples", "64", "--num_samples", "2", "--sample_max_new_tokens", "20", "--preprocessing_num_workers", "2",
         "--disable_tqdm", "true", "--report_to", "none", cache=datasets_cache,
     )  # fmt: skip
     m = info["metrics"]
@@ -130,6 +130,23 @@ def test_tiny_run_on_a_local_file_with_a_trained_bpe_and_args_from_yaml(tmp_path
     tok = AutoTokenizer.from_pretrained(out)
     assert len(tok) == 300 and tok.decode(tok("The queen mocks the moon.")["input_ids"]) == "The queen mocks the moon."
     assert not list(out.glob("checkpoint-*"))
+
+
+def test_a_datasets_dataset_by_name_without_a_validation_split(tmp_path, datasets_cache):
+    """`--dataset_name` takes what `datasets.load_dataset` takes: here a local folder of JSON lines."""
+    folder = tmp_path / "my_dataset"
+    folder.mkdir()
+    rows = [{"body": f"Line {i}: the quick brown fox jumps over the lazy dog.", "id": i} for i in range(200)]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    info = train(
+        out, "--dataset_name", str(folder), "--text_column", "body", "--validation_split_percentage", "20", *TINY,
+        "--max_steps", "5", "--eval_steps", "5", "--save_strategy", "no", *QUIET, cache=datasets_cache,
+    )  # fmt: skip
+    assert info["dataset_id"] == str(folder) and info["dataset"] == str(folder)
+    # the last 20% of the rows (ids 160-199: 54 characters + <|endoftext|> each) in blocks of 32
+    assert info["metrics"]["validation_tokens"] == (40 * 55) // 32 * 32
+    assert info["metrics"]["global_step"] == 5
 
 
 def test_gradient_accumulation_matches_the_full_batch_and_plain_sgd(tmp_path, text_file, datasets_cache):
@@ -204,7 +221,7 @@ def test_resuming_from_a_checkpoint_reproduces_the_uninterrupted_run(tmp_path, t
 def test_two_cpu_processes_form_one_group_and_match_one_process(tmp_path, text_file, datasets_cache):
     """torchrun with 2 processes (gloo) x 4 blocks vs 1 process x 8 blocks: one group, the same loss curve.
 
-    Tolerance: 1e-4 absolute on every logged training loss over 6 steps (fp32; the all-reduce sums in
+    Tolerance: 1e-5 absolute on every logged training loss over 6 steps (fp32; measured 2.4e-7: the all-reduce sums in
     another order than one process does).
     """
     common = [
@@ -227,7 +244,7 @@ def test_two_cpu_processes_form_one_group_and_match_one_process(tmp_path, text_f
     one_losses, two_losses = train_losses(one), train_losses(two)
     assert sorted(two_losses) == list(range(1, 7))
     for step, loss in one_losses.items():
-        assert abs(two_losses[step] - loss) < 1e-4, (step, loss, two_losses[step])
+        assert abs(two_losses[step] - loss) < 1e-5, (step, loss, two_losses[step])
     assert one_losses[6] < one_losses[1]
 
 
@@ -287,3 +304,12 @@ def test_clear_errors_for_short_or_missing_text(tmp_path, datasets_cache):
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(ValueError, match="empty"):
         train(tmp_path / "c", "--train_file", str(tmp_path / "empty.txt"), *QUIET, cache=datasets_cache)
+
+
+def test_help_lists_our_arguments(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_lm.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--train_file", "--tokenizer", "--preset", "--precision", "--stop_after_steps", "--max_steps"):
+        assert flag in text

@@ -53,8 +53,8 @@ from training import data
 
 logger = logging.getLogger("training.train_lm")
 
-# The main job's model: 6 layers of 192, 6 heads, over 256 characters (see README, "Main job").
-DEFAULT_SIZES = dict(n_layer=6, n_head=6, n_embd=192)
+# The main job's model: 4 layers of 128, 4 heads, over 128 characters (0.8M parameters; see README, "Main job").
+DEFAULT_SIZES = dict(n_layer=4, n_head=4, n_embd=128)
 SHAKESPEARE_PROMPTS = ["ROMEO.\n", "KING HENRY.\n", "First Citizen.\n"]
 
 
@@ -73,7 +73,7 @@ class ModelArguments:
     n_inner: int | None = field(default=None, metadata={"help": "MLP width (default 4 * n_embd)."})
     dropout: float | None = field(
         default=None,
-        metadata={"help": "Sets resid/embd/attn dropout (default 0.1 from scratch, unchanged when fine-tuning)."},
+        metadata={"help": "Sets resid/embd/attn dropout (default 0 from scratch, unchanged when fine-tuning)."},
     )
     tokenizer: str | None = field(
         default=None,
@@ -99,13 +99,15 @@ class DataArguments:
     )
     validation_split_percentage: int = field(
         default=10,
-        metadata={"help": "Without a validation set: the last N% of each training text (or dataset rows) is held out."},
+        metadata={
+            "help": "Without a validation set: the last N%% of each training text (or dataset rows) is held out."
+        },
     )
     text_column: str = field(default="text", metadata={"help": "Text column of a `datasets` dataset."})
-    block_size: int = field(default=256, metadata={"help": "Tokens per training block (= n_positions from scratch)."})
+    block_size: int = field(default=128, metadata={"help": "Tokens per training block (= n_positions from scratch)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training blocks."})
     max_eval_samples: int | None = field(
-        default=None,
+        default=200,
         metadata={"help": "Evaluate during training on N evenly spaced validation blocks; the final eval uses all."},
     )
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for `datasets.map`."})
@@ -150,8 +152,8 @@ class LMTrainingArguments(TrainingArguments):
         default=False, metadata={"help": "Train afresh in a folder that holds an earlier run (its checkpoints go)."}
     )
     # The main job's schedule; every one can be overridden on the command line.
-    max_steps: int = 1000
-    per_device_train_batch_size: int = 32
+    max_steps: int = 1200
+    per_device_train_batch_size: int = 24
     per_device_eval_batch_size: int = 32
     learning_rate: float = 2e-3
     lr_scheduler_type: str = "cosine"
@@ -160,13 +162,13 @@ class LMTrainingArguments(TrainingArguments):
     adam_beta2: float = 0.99
     max_grad_norm: float = 1.0
     eval_strategy: str = "steps"
-    eval_steps: float | None = 250
+    eval_steps: float | None = 400
     eval_on_start: bool = True
     prediction_loss_only: bool = True
-    logging_steps: float = 25
+    logging_steps: float = 50
     logging_first_step: bool = True
     save_strategy: str = "steps"
-    save_steps: float = 500
+    save_steps: float = 400
     save_total_limit: int | None = 2
     seed: int = 1337
     report_to: None | str | list[str] = "auto"
@@ -285,7 +287,7 @@ def load_raw_datasets(args: DataArguments, cache_dir: str):
         name = args.dataset_name + (f" ({args.dataset_config_name})" if args.dataset_config_name else "")
         return DatasetDict(train=raw["train"], validation=raw["validation"]), name, args.dataset_name
     if args.train_file:
-        files = _local_jsonl(args, Path(cache_dir).parent / "local")
+        files = _local_jsonl(args, Path(cache_dir) / "hf_gpt_local_text")
         names = ", ".join(Path(f).name for f in args.train_file)
         name = f"local text: {names}"
     else:
@@ -374,7 +376,10 @@ def pack_datasets(raw, tokenizer, args: DataArguments, text_column: str):
 def build_model(margs: ModelArguments, block_size: int, tokenizer) -> hf_gpt.GPTForCausalLM:
     vocab_size = len(tokenizer)
     ids = dict(bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-    dropout = {} if margs.dropout is None else dict.fromkeys(("resid_pdrop", "embd_pdrop", "attn_pdrop"), margs.dropout)
+    # From scratch the default is no dropout: the main job sees each token about once, and dropout only slows
+    # learning then. Fine-tuning keeps the checkpoint's unless --dropout is given.
+    p = margs.dropout if margs.dropout is not None else (None if margs.model_name_or_path else 0.0)
+    dropout = {} if p is None else dict.fromkeys(("resid_pdrop", "embd_pdrop", "attn_pdrop"), p)
     if margs.model_name_or_path:
         model = hf_gpt.GPTForCausalLM.from_pretrained(margs.model_name_or_path)
         if vocab_size > model.config.vocab_size:
@@ -423,7 +428,11 @@ class LMTrainer(Trainer):
                 name = name.replace(prefix, "")
             return name
 
-        return [n for n, _ in model.named_parameters() if plain(n) in matrices]
+        decay = [n for n, _ in model.named_parameters() if plain(n) in matrices]
+        logger.info(
+            "Weight decay on %d of %d parameter tensors (those with 2+ dims)", len(decay), len(list(model.parameters()))
+        )
+        return decay
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         for key in [k for k in logs if k.endswith("eval_loss")]:
@@ -460,6 +469,24 @@ class StopAfter(TrainerCallback):
 
 
 # ---- run folder -------------------------------------------------------------------------------------
+
+
+def save_final_model(trainer: Trainer, tokenizer, out: Path) -> None:
+    """Config, weights, generation config and tokenizer into the run folder root (`save_pretrained`)."""
+    if not trainer.is_fsdp_enabled:
+        trainer.save_model()
+        return
+    # FSDP2 swaps each module's class for a generated subclass; save_pretrained would record that class in
+    # `auto_map` and copy torch's FSDP sources beside our code. Gather the weights and save a plain model.
+    state = trainer.accelerator.get_state_dict(trainer.model)
+    if trainer.is_world_process_zero():
+        config = trainer.model.config
+        plain = hf_gpt.GPTForCausalLM(config)
+        plain.load_state_dict(state)
+        plain.generation_config = trainer.model.generation_config
+        plain.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+    trainer.accelerator.wait_for_everyone()
 
 
 def git_revision() -> str | None:
@@ -627,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
         callbacks=callbacks,
     )
     result = trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model()  # config, weights, generation config and tokenizer into the run folder root
+    save_final_model(trainer, tokenizer, out)
     steps = trainer.state.global_step
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
     if eval_ds is full_eval and evals and evals[-1]["step"] == steps:
@@ -655,7 +682,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if trainer.is_world_process_zero():
         prompts = sargs.sample_prompts or (SHAKESPEARE_PROMPTS if dataset_name == data.SHAKESPEARE_NAME else [""])
-        samples = generate_samples(trainer.model, tokenizer, sargs, prompts, targs.seed) if sargs.num_samples else []
+        samples = []
+        if sargs.num_samples:
+            # From the saved folder: it is what users load, and under FSDP the trained module is sharded.
+            saved = hf_gpt.GPTForCausalLM.from_pretrained(out).to(targs.device)
+            samples = generate_samples(saved, tokenizer, sargs, prompts, targs.seed)
         info["samples"] = samples
         sep = "\n" + "-" * 72 + "\n"
         (out / "samples.txt").write_text(sep.join(samples) + "\n", encoding="utf-8")
