@@ -276,7 +276,7 @@ def test_fine_tuning_a_gpt2_checkpoint(tmp_path, text_file, datasets_cache, gpt2
         "--max_steps", "15", "--eval_steps", "15", "--max_eval_samples", "8", "--save_strategy", "no",
         "--learning_rate", "3e-3", "--per_device_train_batch_size", "8", *QUIET, cache=datasets_cache,
     )  # fmt: skip
-    assert info["base_model"] == str(base) and info["tokenizer"] == "pretrained"
+    assert info["base_model"] == str(base) and info["tokenizer"] == "gpt2"
     assert info["metrics"]["eval_loss"] < info["metrics"]["eval_loss_step0"] - 1.0
     model = AutoModelForCausalLM.from_pretrained(out)
     assert isinstance(model, hf_gpt.GPTForCausalLM) and model.config.vocab_size == 50257

@@ -49,6 +49,7 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 import hf_gpt
+from hf_gpt.tokenization import END_OF_TEXT, GPT2_VOCAB_SIZE
 from training import data
 
 logger = logging.getLogger("training.train_lm")
@@ -342,7 +343,9 @@ def load_tokenizer(margs: ModelArguments, train_texts, cache_root: Path):
     elif kind in ("char", "bpe"):
         tok = data.cached_tokenizer(kind, list(train_texts), cache_root, margs.bpe_vocab_size)
     else:
-        tok, kind = AutoTokenizer.from_pretrained(kind), "pretrained"
+        tok = AutoTokenizer.from_pretrained(kind)
+        is_gpt2 = len(tok) == GPT2_VOCAB_SIZE and tok.convert_tokens_to_ids(END_OF_TEXT) == GPT2_VOCAB_SIZE - 1
+        kind = "gpt2" if is_gpt2 else "pretrained"  # a GPT-2 checkpoint's own copy of GPT-2's BPE
     if tok.eos_token is None:
         raise ValueError("The tokenizer has no end-of-text token; documents are separated by it.")
     if tok.pad_token is None:
