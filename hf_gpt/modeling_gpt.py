@@ -9,7 +9,7 @@ transpose (see `conversion.py`).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -88,6 +88,27 @@ def one_row_matmuls(tokens: torch.Tensor | None) -> Iterator[None]:
         torch.backends.mkldnn.enabled = True
 
 
+@contextmanager
+def recompute_in_backward(out: torch.Tensor, recompute: Callable[[], torch.Tensor]) -> Iterator[None]:
+    """Ops run inside that keep `out` (or a view of it) for backward keep the recipe `recompute` instead,
+    and call it when backward needs `out`. For cheap elementwise results whose inputs backward keeps
+    anyway (the MLP's activation, the dropped-out attention probabilities): the block then stores one
+    (B, T, 4C) or (B, nh, T, Tk) tensor less."""
+    if not out.requires_grad or torch.compiler.is_compiling():
+        yield
+        return
+    key = (out.data_ptr(), out.numel())  # not `out` itself, which must be free to go
+
+    def pack(t: torch.Tensor):
+        return (recompute, t.shape) if (t.data_ptr(), t.numel()) == key else t
+
+    def unpack(t):
+        return t[0]().view(t[1]) if isinstance(t, tuple) else t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """Cross-entropy of `h @ weight.T` against `targets`, made a chunk of rows at a time.
 
@@ -108,7 +129,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad_h = torch.empty(h.shape, dtype=compute_dtype, device=h.device) if needs_grad_h else None
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if needs_grad_w else None
             total = torch.zeros((), dtype=torch.float32, device=h.device)
-            chunk = max(1, 2**25 // weight.shape[0])  # rows whose fp32 logits take ~128 MB
+            chunk = max(1, 2**23 // weight.shape[0])  # rows whose fp32 logits take ~32 MB
             for start in range(0, h.shape[0], chunk):
                 hc, tc = h[start : start + chunk].to(compute_dtype), targets[start : start + chunk]
                 logp = torch.log_softmax(hc @ w.T, dim=-1, dtype=torch.float32)  # (n, V)
@@ -123,8 +144,13 @@ class LinearCrossEntropy(torch.autograd.Function):
                 grad = grad.to(compute_dtype)
                 if needs_grad_h:
                     torch.mm(grad, w, out=grad_h[start : start + chunk])
-                if needs_grad_w:
-                    grad_w += grad.T @ hc
+                if needs_grad_w and compute_dtype == grad_w.dtype:
+                    grad_w.addmm_(grad.T, hc)
+                elif needs_grad_w:
+                    grad_w += grad.T @ hc  # summed over chunks in fp32
+            if needs_grad_w:
+                # Kept until backward in the matmul dtype, rounded once, as autocast's own weight gradient is.
+                grad_w = grad_w.to(compute_dtype)
         ctx.save_for_backward(grad_h, grad_w, denominator)
         ctx.dtypes = h.dtype, weight.dtype
         return total / denominator
@@ -134,8 +160,10 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w, denominator = ctx.saved_tensors
         scale = grad_loss / denominator
         h_dtype, w_dtype = ctx.dtypes
-        grad_h = (grad_h * scale).to(h_dtype) if grad_h is not None else None
-        grad_w = (grad_w * scale).to(w_dtype) if grad_w is not None else None
+        # Scaled in place: no second copy of a (vocab, C) gradient. A second backward through the same graph
+        # then fails autograd's saved-tensor version check instead of using scaled gradients.
+        grad_h = grad_h.mul_(scale).to(h_dtype) if grad_h is not None else None
+        grad_w = grad_w.mul_(scale).to(w_dtype) if grad_w is not None else None
         return grad_h, grad_w, None, None, None, None
 
 
@@ -266,8 +294,16 @@ class GPTAttention(nn.Module):
                 mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril()
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
             # Softmax in the scores' dtype: low-precision kernels accumulate in fp32 and round once.
-            weights = self.attn_dropout(F.softmax(scores, dim=-1))
-            y = weights @ v  # (B, nh, T, hs)
+            weights = probs = F.softmax(scores, dim=-1)
+            if dropout > 0:
+                # Dropout written out, so that backward rebuilds the dropped probabilities from `probs` (kept for
+                # the softmax's gradient) and `keep` (for the dropout's) rather than storing them too.
+                keep = torch.empty_like(probs, dtype=torch.bool).bernoulli_(1 - dropout)
+                weights = probs * keep / (1 - dropout)
+                with recompute_in_backward(weights, lambda: probs * keep / (1 - dropout)):
+                    y = weights @ v  # (B, nh, T, hs)
+            else:
+                y = weights @ v  # (B, nh, T, hs)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): heads side by side again
@@ -284,7 +320,12 @@ class GPTMLP(nn.Module):
         self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+        h = self.c_fc(x)  # (B, T, 4C)
+        a = self.act(h)
+        # Backward keeps h for the activation's gradient; c_proj's weight gradient gets `a` rebuilt from it.
+        with recompute_in_backward(a, lambda: self.act(h)):
+            y = self.c_proj(a)
+        return self.dropout(y)
 
 
 class GPTBlock(GradientCheckpointingLayer):
