@@ -16,6 +16,10 @@ defaults). The run folder (`--output_dir`) receives Trainer's `checkpoint-N/` fo
 the final model saved with `save_pretrained` at its root (config, weights, generation config,
 tokenizer), `run_info.json` (resolved arguments, git revision, metrics), `log_history.json`,
 `logs.jsonl`, `loss_curve.png`, `samples.txt` and, when `model_cards` is importable, the model card.
+
+Checkpoints are written into a hidden staging folder and renamed into place once complete, so a killed run
+never leaves a half-written `checkpoint-N/`; resuming checks every file of a checkpoint and skips broken
+ones with a warning. A non-finite training loss stops the run before anything is saved from that state.
 """
 
 from __future__ import annotations
@@ -26,10 +30,13 @@ import logging
 import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
 import time
+import warnings
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -46,7 +53,7 @@ from transformers import (
     default_data_collator,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 import hf_gpt
 from hf_gpt.tokenization import END_OF_TEXT, GPT2_VOCAB_SIZE
@@ -246,29 +253,62 @@ def check_world_size(args: TrainingArguments) -> int:
 
 
 def prepare_output_dir(args: LMTrainingArguments) -> str | None:
-    """The checkpoint to resume from, if any; refuses to mix a fresh run into a folder with an earlier one."""
+    """The checkpoint to resume from, if any; refuses to mix a fresh run into a folder with an earlier one.
+
+    `--resume_from_checkpoint` takes "last" (or "true", "latest": the newest usable checkpoint in
+    --output_dir), a run folder (its newest usable checkpoint), or one checkpoint-N folder (used only if usable).
+    """
     out = Path(args.output_dir)
     resume = args.resume_from_checkpoint
-    if resume is not None and resume.lower() in ("true", "last", "latest"):
-        resume = get_last_checkpoint(out) if out.is_dir() else None
-        if resume is None:
-            raise FileNotFoundError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no checkpoint in {out}.")
     if resume is not None:
-        if not Path(resume).is_dir():
-            raise FileNotFoundError(f"Checkpoint folder not found: {resume}")
-        return str(resume)
-    earlier = sorted(out.glob("checkpoint-*")) + [p for p in (out / "run_info.json",) if p.exists()]
+        return str(resolve_resume(resume, out))
+    earlier = sorted(out.glob(f"{PREFIX_CHECKPOINT_DIR}-*")) + [p for p in (out / "run_info.json",) if p.exists()]
     if earlier and not args.overwrite_output_dir:
         raise FileExistsError(
             f"{out} holds an earlier run ({earlier[0].name}). Resume it with --resume_from_checkpoint last, train "
             "afresh there with --overwrite_output_dir, or choose another --output_dir."
         )
     if earlier and args.process_index == 0:
-        for ckpt in out.glob("checkpoint-*"):
-            shutil.rmtree(ckpt)
+        for ckpt in [*out.glob(f"{PREFIX_CHECKPOINT_DIR}-*"), out / STAGING]:
+            shutil.rmtree(ckpt, ignore_errors=True)
         for name in ("logs.jsonl", "log_history.json", "log_history.csv"):
             (out / name).unlink(missing_ok=True)
     return None
+
+
+def resolve_resume(resume: str, out: Path) -> Path:
+    """The checkpoint folder `--resume_from_checkpoint resume` means (see `prepare_output_dir`)."""
+    flag = f"--resume_from_checkpoint {resume}"
+    if resume.lower() in ("true", "last", "latest"):
+        run = out
+        if not run.is_dir():
+            raise FileNotFoundError(f"{flag}: --output_dir {out} does not exist, so it holds no checkpoint to resume.")
+    else:
+        run = Path(resume).expanduser()
+        if not run.is_dir():
+            raise FileNotFoundError(
+                f"{flag}: no such folder. Pass a {PREFIX_CHECKPOINT_DIR}-N folder, a run folder that holds them, or "
+                "'last' for the newest one in --output_dir."
+            )
+        if _CHECKPOINT.fullmatch(run.name) or (run / "trainer_state.json").exists():
+            problem = checkpoint_problem(run)
+            if problem is not None:
+                raise ValueError(
+                    f"{flag}: cannot resume from {run}: {problem}. Pass its run folder ({run.parent}) or 'last' to "
+                    "resume from the newest usable checkpoint instead."
+                )
+            return run
+    found = sorted(p.name for p in checkpoint_folders(run))
+    ckpt = last_usable_checkpoint(run)
+    if ckpt is None:
+        what = f"it holds no {PREFIX_CHECKPOINT_DIR}-N folder"
+        if found:
+            what = f"every checkpoint there is broken ({', '.join(found)}; see the warnings above)"
+        raise FileNotFoundError(
+            f"{flag}: nothing to resume in {run}: {what}. Train afresh with --overwrite_output_dir (or another "
+            "--output_dir), or pass a usable checkpoint folder."
+        )
+    return ckpt
 
 
 # ---- data -------------------------------------------------------------------------------------------
@@ -413,11 +453,114 @@ def build_model(margs: ModelArguments, block_size: int, tokenizer) -> hf_gpt.GPT
     return hf_gpt.GPTForCausalLM(config)
 
 
+# ---- checkpoints ------------------------------------------------------------------------------------
+
+# Checkpoints are written into this hidden sibling of the checkpoint-N folders, then renamed into place:
+# a checkpoint-N folder exists only once it is complete. Trainer's own globs ("checkpoint-*") never see it.
+STAGING = ".checkpoint-staging"
+_CHECKPOINT = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
+_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def checkpoint_folders(run: Path) -> list[Path]:
+    """The checkpoint-N folders of a run folder, newest (highest N) first."""
+    found = [p for p in run.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir() and _CHECKPOINT.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(_CHECKPOINT.fullmatch(p.name).group(1)), reverse=True)
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why Trainer cannot resume from `folder`, or None when all of it is there and readable.
+
+    Reads every file: the JSON files parse, every safetensors file opens (its header covers the file exactly)
+    and every tensor in it reads back finite, and every torch.save file (optimizer, scheduler, RNG states)
+    has its zip directory, which a truncated file lacks.
+    """
+    from safetensors import safe_open
+
+    state = folder / "trainer_state.json"
+    if not state.is_file():
+        return "no trainer_state.json (the save did not finish)"
+    if not any((folder / name).is_file() for name in _WEIGHTS) and not any(folder.glob("pytorch_model_fsdp*")):
+        return f"no model weights (none of {', '.join(_WEIGHTS)})"
+    index = folder / "model.safetensors.index.json"
+    for f in sorted(folder.iterdir()):
+        try:
+            if f.suffix == ".json":
+                json.loads(f.read_text(encoding="utf-8"))
+            elif f.suffix == ".safetensors":
+                with safe_open(str(f), framework="pt") as st:
+                    for key in st.keys():
+                        t = st.get_tensor(key)
+                        if t.is_floating_point() and not torch.isfinite(t).all():
+                            return f"{f.name} holds non-finite values (nan or inf) in {key}"
+            elif f.suffix in (".pt", ".pth", ".bin") and not zipfile.is_zipfile(f):
+                return f"{f.name} is truncated or not a torch.save file (its size is {f.stat().st_size} bytes)"
+        except Exception as e:  # any failure to read a file makes the checkpoint unusable; say which and why
+            return f"{f.name} is unreadable ({type(e).__name__}: {e})"
+    if index.is_file():
+        missing = sorted(set(json.loads(index.read_text())["weight_map"].values()) - {p.name for p in folder.iterdir()})
+        if missing:
+            return f"weight shards listed in {index.name} are missing: {', '.join(missing)}"
+    return None
+
+
+def last_usable_checkpoint(run: Path, warn: bool = True) -> Path | None:
+    """The newest checkpoint-N folder of `run` that `checkpoint_problem` accepts; each newer one is skipped with
+    a warning that names it and says why."""
+    for ckpt in checkpoint_folders(run):
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            return ckpt
+        if warn:
+            warnings.warn(f"Skipping {ckpt} on resume: {problem}.", stacklevel=2)
+    return None
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries, to disk, so that a rename publishes data that survives a power cut."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # folders cannot be opened on some platforms (Windows); their entries need no flush there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def publish_checkpoint(staged: Path, final: Path) -> None:
+    """Move a completely written checkpoint folder into place with one rename (atomic on one filesystem)."""
+    for f in staged.rglob("*"):
+        if f.is_file():
+            _fsync(f)
+    _fsync(staged)
+    if final.exists():  # a same-step folder left by an earlier run (e.g. a broken one that resume skipped)
+        old = staged.with_name(staged.name + ".replaced")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(staged, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staged, final)
+    _fsync(final.parent)
+    if not any(staged.parent.iterdir()):
+        staged.parent.rmdir()  # the run folder keeps no empty staging folder
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became nan or inf; raised before anything is saved from that state."""
+
+
 # ---- Trainer ----------------------------------------------------------------------------------------
 
 
 class LMTrainer(Trainer):
-    """Trainer with nanoGPT's weight-decay rule and perplexity next to every evaluation loss."""
+    """Trainer with nanoGPT's weight-decay rule, perplexity next to every evaluation loss, checkpoints that appear
+    only complete (written aside, then renamed), and a stop with `NonFiniteLossError` when the loss is not finite."""
+
+    _staging = False  # True while Trainer writes a checkpoint: `_get_output_dir` then points into STAGING
 
     def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
         # Decay every parameter with two or more dimensions (the matmul weights and the embeddings, tied
@@ -441,6 +584,68 @@ class LMTrainer(Trainer):
         for key in [k for k in logs if k.endswith("eval_loss")]:
             logs[key.removesuffix("loss") + "perplexity"] = _perplexity(logs[key])
         super().log(logs, start_time)
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # Every micro-batch's loss, checked before the optimizer step and before any save. Trainer's own
+        # `logging_nan_inf_filter` would instead log the mean of earlier losses and train on. The losses of all
+        # processes are gathered so that every process stops at the same step instead of waiting for the others.
+        losses = self.accelerator.gather(loss.detach().reshape(1)) if self.args.world_size > 1 else loss.reshape(1)
+        bad = losses[~torch.isfinite(losses)]
+        if bad.numel():
+            raise NonFiniteLossError(self._nonfinite_message(bad[0].item()))
+        return loss
+
+    def _nonfinite_message(self, value: float) -> str:
+        step = self.state.global_step + 1  # the optimizer step this micro-batch belongs to (1-based, as logged)
+        good = last_usable_checkpoint(Path(self.args.output_dir), warn=False)
+        where = (
+            f"the last good checkpoint is {good} (every tensor in it finite); nothing was saved after it"
+            if good is not None
+            else "no checkpoint was saved before it"
+        )
+        a = self.args
+        return (
+            f"The training loss became {value} at step {step}: training stopped, {where}. Resuming repeats the "
+            f"same steps, so change the recipe: a lower --learning_rate (now {a.learning_rate:g}), more "
+            f"--warmup_steps (now {a.warmup_steps:g}) or gradient clipping (--max_grad_norm, now {a.max_grad_norm:g})"
+            + (", or --precision bf16 / fp32 instead of fp16 (overflow)" if a.fp16 else "")
+            + (f"; or start afresh from its weights with --model_name_or_path {good}." if good is not None else ".")
+        )
+
+    def _get_output_dir(self, trial) -> str:
+        run_dir = super()._get_output_dir(trial)
+        return os.path.join(run_dir, STAGING) if self._staging else run_dir
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # Trainer writes checkpoint-N file by file; a run killed halfway would leave a folder that looks like a
+        # checkpoint. So it writes into STAGING/checkpoint-N, and the folder is renamed into place once every
+        # process has written its part.
+        run_dir = Path(self._get_output_dir(trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staged, final = run_dir / STAGING / name, run_dir / name
+        if self.args.should_save:
+            shutil.rmtree(staged.parent, ignore_errors=True)  # what a killed save left there
+        self.accelerator.wait_for_everyone()
+        self._staging = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = False
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            best = self.state.best_model_checkpoint
+            if best is not None and Path(best).parent == staged.parent:  # record the final path, not the staged one
+                self.state.best_model_checkpoint = str(run_dir / Path(best).name)
+                self.state.save_to_json(str(staged / "trainer_state.json"))
+            publish_checkpoint(staged, final)
+            rotate_checkpoints(
+                output_dir=str(run_dir),
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        self.accelerator.wait_for_everyone()
 
 
 def _perplexity(loss: float) -> float:
@@ -575,7 +780,8 @@ def _json_safe(d: dict) -> dict:
 # ---- main -------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> int:
+    """Run `hf-gpt train` with `argv`; `callbacks` are extra `TrainerCallback`s (for experiments and tests)."""
     started = time.time()
     argv = sys.argv[1:] if argv is None else list(argv)
     margs, dargs, sargs, targs = parse_args(argv)
@@ -644,7 +850,7 @@ def main(argv: list[str] | None = None) -> int:
     if targs.process_index == 0:
         (out / "run_info.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
 
-    callbacks = [JsonlLogger(out / "logs.jsonl")]
+    callbacks = [JsonlLogger(out / "logs.jsonl"), *(callbacks or [])]
     if targs.stop_after_steps is not None:
         callbacks.append(StopAfter(targs.stop_after_steps))
     trainer = LMTrainer(

@@ -1,0 +1,328 @@
+"""Reliability of training (issue 7): a killed run resumes to the same result, broken checkpoints are skipped,
+a non-finite loss stops the run without saving, and bad corpus files stop it with an error that names them.
+
+Tiny models (2 layers of 32, blocks of 32, fp32) so each run takes seconds; tolerances are stated where asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import TrainerCallback
+
+import hf_gpt
+from training import data, train_lm
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--precision", "fp32"]
+QUIET = ["--num_samples", "0", "--disable_tqdm", "true", "--report_to", "none"]
+NO_EVAL = ["--eval_strategy", "no", "--eval_on_start", "false", "--max_eval_samples", "8"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """As in test_training.py: one thread is fastest for these models, and two spin-wait on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    rng = random.Random(0)
+    who = ["the king", "my lord", "the queen", "a fool", "good Romeo", "fair Juliet", "the duke", "this man"]
+    does = ["speaks of", "loves", "hates", "calls for", "waits on", "follows", "mocks", "fears"]
+    what = ["the crown", "his sword", "the night", "her honour", "the sea", "my heart", "the moon", "thy name"]
+    lines = [f"{rng.choice(who).capitalize()} {rng.choice(does)} {rng.choice(what)}." for _ in range(600)]
+    path = tmp_path_factory.mktemp("text") / "tiny.txt"
+    path.write_text("\n".join(lines))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("datasets_cache"))
+
+
+def train(out: Path, *args: str, cache: str, callbacks=None) -> dict:
+    assert train_lm.main(["--output_dir", str(out), "--data_cache_dir", cache, *args], callbacks=callbacks) == 0
+    return json.loads((out / "run_info.json").read_text())
+
+
+def logged_steps(out: Path) -> list[int]:
+    """Steps of the training-loss records in logs.jsonl, in the order written (a resumed run appends)."""
+    records = [json.loads(line) for line in (out / "logs.jsonl").read_text().splitlines()]
+    return [r["step"] for r in records if "loss" in r]
+
+
+def last_logged_step(out: Path) -> int:
+    """The newest step in logs.jsonl while a run writes it (a line being written is skipped)."""
+    steps = [0]
+    if (out / "logs.jsonl").exists():
+        for line in (out / "logs.jsonl").read_text().splitlines():
+            try:
+                steps.append(json.loads(line)["step"])
+            except (ValueError, KeyError):
+                pass
+    return max(steps)
+
+
+def final_loss(out: Path) -> float:
+    history = json.loads((out / "log_history.json").read_text())
+    return [h["loss"] for h in history if "loss" in h][-1]
+
+
+def max_weight_difference(a: Path, b: Path) -> float:
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    return max((wa[k] - wb[k]).abs().max().item() for k in wa)
+
+
+# ---- killed and resumed -----------------------------------------------------------------------------
+
+
+def test_a_run_killed_mid_training_resumes_to_the_uninterrupted_result(tmp_path, text_file, cache):
+    """SIGKILL a real training process between checkpoints (save every 10 steps, killed at step 25 or soon after),
+    resume with `last`: the final loss and weights equal an uninterrupted run's. Dropout is on, so the restored RNG
+    state matters; the steps after the checkpoint are trained again.
+
+    Tolerance: 1e-5 absolute on the final logged loss and on every weight (fp32, one thread both ways).
+    """
+    steps = 150
+    common = [
+        "--train_file", str(text_file), *TINY, "--dropout", "0.1", "--max_steps", str(steps), "--save_steps", "10",
+        "--logging_steps", "1", "--per_device_train_batch_size", "4", *NO_EVAL, *QUIET,
+    ]  # fmt: skip
+    train(tmp_path / "straight", *common, cache=cache)  # also fills the datasets cache the subprocess reads
+
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "training.train_lm", "--output_dir", str(killed), "--data_cache_dir", cache, *common]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120  # kill it between two checkpoints: step 25 or soon after
+    while last_logged_step(killed) < 25 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    alive = proc.poll() is None
+    os.kill(proc.pid, signal.SIGKILL)
+    stderr = proc.communicate()[1]
+    assert alive, f"the run ended before it could be killed (exit {proc.returncode}):\n{stderr[-3000:]}"
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "model.safetensors").exists() and not (killed / "log_history.json").exists()
+
+    left = train_lm.checkpoint_folders(killed)
+    start = int(left[0].name.split("-")[1])
+    done = max(logged_steps(killed))
+    assert 20 <= start <= done < steps  # killed mid-run, after two checkpoints
+    train(killed, *common, "--resume_from_checkpoint", "last", cache=cache)
+
+    written = logged_steps(killed)
+    resumed = written[written.index(done) + 1 :]  # what the resumed process logged
+    assert resumed == list(range(start + 1, steps + 1))  # from the newest complete checkpoint on
+    a, b = final_loss(tmp_path / "straight"), final_loss(killed)
+    diff = max_weight_difference(tmp_path / "straight", killed)
+    print(f"\nkilled after step {done}, resumed from step {start}: final loss {b:.6f} vs uninterrupted {a:.6f}, "
+          f"largest weight difference {diff:.1e}")  # fmt: skip
+    assert abs(a - b) < 1e-5 and diff < 1e-5
+
+
+# ---- broken checkpoints -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory, text_file, cache) -> tuple[Path, list[str]]:
+    """(run folder stopped after 4 of 6 steps, holding checkpoint-2 and checkpoint-4; its arguments)."""
+    common = [
+        "--train_file", str(text_file), *TINY, "--max_steps", "6", "--save_steps", "2", "--logging_steps", "1",
+        "--per_device_train_batch_size", "4", *NO_EVAL, *QUIET,
+    ]  # fmt: skip
+    out = tmp_path_factory.mktemp("stopped") / "run"
+    train(out, *common, "--stop_after_steps", "4", cache=cache)
+    assert [p.name for p in train_lm.checkpoint_folders(out)] == ["checkpoint-4", "checkpoint-2"]
+    return out, common
+
+
+def copy_run(stopped_run, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(stopped_run[0], out)
+    return out
+
+
+def test_resume_skips_a_truncated_checkpoint_with_a_warning(tmp_path, stopped_run, cache):
+    out = copy_run(stopped_run, tmp_path)
+    weights = out / "checkpoint-4" / "model.safetensors"
+    with weights.open("r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    with pytest.warns(UserWarning, match=r"Skipping .*checkpoint-4 on resume: model.safetensors is unreadable"):
+        train(out, *stopped_run[1], "--resume_from_checkpoint", "last", cache=cache)
+    assert logged_steps(out) == [1, 2, 3, 4, 3, 4, 5, 6]  # the resumed run started after step 2
+    assert [p.name for p in train_lm.checkpoint_folders(out)] == ["checkpoint-6", "checkpoint-4"]
+    assert train_lm.checkpoint_problem(out / "checkpoint-4") is None  # the broken one was replaced
+
+
+def test_a_save_that_dies_halfway_leaves_no_checkpoint_folder(tmp_path, stopped_run, cache, monkeypatch):
+    """The crash lands after the weights and optimizer are written, before the RNG and trainer states: the
+    checkpoint-6 folder never appears (its files stay in the staging folder), and resume takes checkpoint-4."""
+    out = copy_run(stopped_run, tmp_path)
+
+    def crash(self, output_dir):
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(train_lm.LMTrainer, "_save_rng_state", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(out, *stopped_run[1], "--resume_from_checkpoint", "last", cache=cache)
+    assert (out / train_lm.STAGING / "checkpoint-6" / "model.safetensors").is_file()
+    assert not (out / "checkpoint-6").exists()
+    assert train_lm.resolve_resume("last", out) == out / "checkpoint-4"
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (lambda c: (c / "trainer_state.json").unlink(), "no trainer_state.json"),
+        (lambda c: (c / "optimizer.pt").write_bytes((c / "optimizer.pt").read_bytes()[:1000]), "optimizer.pt is truncated"),
+        (lambda c: (c / "trainer_state.json").write_text('{"global_step": 4, "log_hi'), "trainer_state.json is unreadable"),
+        (lambda c: save_file({k: v.fill_(float("nan")) for k, v in load_file(c / "model.safetensors").items()}, c / "model.safetensors"), "non-finite values"),
+    ],
+    ids=["no-trainer-state", "truncated-optimizer", "cut-json", "nan-weights"],
+)  # fmt: skip
+def test_checkpoint_problems_are_found_and_named(tmp_path, stopped_run, damage, reason):
+    out = copy_run(stopped_run, tmp_path)
+    assert train_lm.checkpoint_problem(out / "checkpoint-4") is None
+    damage(out / "checkpoint-4")
+    assert reason in train_lm.checkpoint_problem(out / "checkpoint-4")
+    with pytest.warns(UserWarning, match=rf"checkpoint-4 on resume: .*{reason}"):
+        assert train_lm.resolve_resume(str(out), out) == out / "checkpoint-2"  # a run folder: its newest usable
+    with pytest.raises(ValueError, match=rf"cannot resume from .*checkpoint-4: .*{reason}.*'last'"):
+        train_lm.resolve_resume(str(out / "checkpoint-4"), out)  # that one folder, asked for by name
+
+
+def test_resume_without_a_usable_checkpoint_is_a_clear_error(tmp_path, stopped_run):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"nothing to resume in .*empty: it holds no checkpoint-N folder"):
+        train_lm.resolve_resume("last", empty)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train_lm.resolve_resume("last", tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        train_lm.resolve_resume(str(tmp_path / "nowhere"), empty)
+    out = copy_run(stopped_run, tmp_path)
+    for ckpt in train_lm.checkpoint_folders(out):
+        (ckpt / "trainer_state.json").unlink()
+    with pytest.warns(UserWarning), pytest.raises(FileNotFoundError, match="every checkpoint there is broken"):
+        train_lm.resolve_resume("last", out)
+
+
+# ---- non-finite loss --------------------------------------------------------------------------------
+
+
+class PoisonAfterSave(TrainerCallback):
+    """Sets the token embeddings to nan right after the checkpoint of `step` is saved: the next loss is nan."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            with torch.no_grad():
+                model.get_input_embeddings().weight.fill_(float("nan"))
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, text_file, cache):
+    out = tmp_path / "run"
+    args = [
+        "--train_file", str(text_file), *TINY, "--max_steps", "8", "--save_steps", "2", "--logging_steps", "4",
+        "--save_total_limit", "1", "--per_device_train_batch_size", "4", *NO_EVAL, *QUIET,
+    ]  # fmt: skip
+    with pytest.raises(train_lm.NonFiniteLossError, match=r"loss became nan at step 5: .*last good checkpoint is"):
+        train(out, *args, cache=cache, callbacks=[PoisonAfterSave(4)])
+    # Checked at every step, though logged every 4: nothing after step 4 was saved, and no final model.
+    assert [p.name for p in train_lm.checkpoint_folders(out)] == ["checkpoint-4"]
+    assert not (out / "model.safetensors").exists() and not (out / train_lm.STAGING / "checkpoint-6").exists()
+    assert train_lm.checkpoint_problem(out / "checkpoint-4") is None
+    model = hf_gpt.GPTForCausalLM.from_pretrained(out / "checkpoint-4")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.isfinite(model(ids, labels=ids).loss)
+
+
+def test_the_command_line_exits_nonzero_with_the_message_when_the_loss_diverges(tmp_path, text_file, cache):
+    """A learning rate of 1e30 (fp32): weights of ~1e30 after step 1 overflow in step 2's forward."""
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "training.train_lm", "--output_dir", str(out), "--data_cache_dir", cache,
+        "--train_file", str(text_file), *TINY, "--learning_rate", "1e30", "--lr_scheduler_type", "constant",
+        "--warmup_steps", "0", "--max_grad_norm", "0", "--max_steps", "10", "--save_steps", "1",
+        "--per_device_train_batch_size", "4", *NO_EVAL, *QUIET,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    message = result.stderr.strip().splitlines()[-1]
+    assert "NonFiniteLossError: The training loss became nan at step 2:" in message
+    assert f"last good checkpoint is {out / 'checkpoint-1'}" in message and "--learning_rate (now 1e+30)" in message
+    assert [p.name for p in train_lm.checkpoint_folders(out)] == ["checkpoint-1"]
+
+
+# ---- corpus errors ----------------------------------------------------------------------------------
+
+CORPUS_ERRORS = {
+    "missing": (None, FileNotFoundError, "Text file not found"),
+    "empty": (b"", ValueError, r"empty \(0 bytes\)"),
+    "blank": (b" \n\t\n", ValueError, "nothing left after whitespace cleaning"),
+    "png": (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", ValueError, "not a text file: it starts like a PNG image"),
+    "zip": (b"PK\x03\x04\x14\x00\x00\x00", ValueError, "starts like a zip archive"),
+    "nul": (b"To be, or not\x00 to be", ValueError, "NUL byte at byte offset 13"),
+    "latin1": ("Ye olde café\nna\u00efve\n".encode("latin-1"), ValueError, r"not valid UTF-8: byte offset 11 \(line 1\) holds e9 0a .*iconv -f WINDOWS-1252 -t UTF-8"),
+    "utf16": ("To be".encode("utf-16"), ValueError, "UTF-16LE text, not UTF-8. Re-encode it as UTF-8: iconv -f UTF-16"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(CORPUS_ERRORS))
+def test_a_bad_corpus_file_is_an_error_that_names_it(tmp_path, case):
+    content, error, phrase = CORPUS_ERRORS[case]
+    path = tmp_path / f"{case}.txt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(error, match=phrase) as info:
+        data.read_text_files([path])
+    assert str(path) in str(info.value)
+
+
+def test_text_is_read_exactly_without_replacement(tmp_path):
+    path = tmp_path / "bom.txt"
+    path.write_bytes(b"\xef\xbb\xbfna\xc3\xafve caf\xc3\xa9 \xe2\x98\x83\n")
+    assert data.read_text_file(path) == "naïve café ☃\n"  # the byte-order mark dropped, nothing replaced
+    path.write_bytes(b"\xef\xbb\xbfab\xff")
+    with pytest.raises(ValueError, match="byte offset 5"):  # offsets count the mark's 3 bytes
+        data.read_text_file(path)
+
+
+def test_a_non_utf8_file_stops_the_command_before_training(tmp_path, cache):
+    path = tmp_path / "notes.txt"
+    path.write_bytes(b"Thou art more lovely and more temperate.\n" * 50 + b"\x93quoted\x94\n")
+    with pytest.raises(ValueError, match=r"notes.txt is not valid UTF-8: byte offset 2050"):
+        train(tmp_path / "run", "--train_file", str(path), *TINY, *QUIET, cache=cache)
+    assert not (tmp_path / "run" / "run_info.json").exists()
+
+
+def test_block_size_beyond_the_model_positions_is_an_error(tmp_path):
+    tok = data.char_tokenizer(["abc"])
+    base = tmp_path / "base"
+    hf_gpt.GPTForCausalLM(hf_gpt.GPTConfig(vocab_size=len(tok), n_positions=16, n_embd=8, n_layer=1, n_head=2)).save_pretrained(base)  # fmt: skip
+    margs = train_lm.ModelArguments(model_name_or_path=str(base))
+    with pytest.raises(ValueError, match="--block_size 32 exceeds the checkpoint's n_positions 16"):
+        train_lm.build_model(margs, 32, tok)
+    with pytest.raises(ValueError, match="--block_size 2048 exceeds preset gpt2's n_positions 1024"):
+        train_lm.build_model(train_lm.ModelArguments(preset="gpt2"), 2048, tok)
