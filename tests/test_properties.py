@@ -96,3 +96,60 @@ def test_save_then_load_is_exact(tmp_path_factory, data):
     ids = torch.tensor([[1, 2, 3]]) % model.config.vocab_size
     with torch.no_grad():
         assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+@st.composite
+def gpt2_expressible_models(draw):
+    """Configs that transformers' GPT-2 computes exactly: pre-norm, a final LayerNorm, dense attention (a local
+    window as wide as the context is dense too), any activation GPT-2's ACT2FN knows, tied or untied head."""
+    n_head = draw(st.sampled_from([1, 2, 4]))
+    n_embd = n_head * draw(st.sampled_from([4, 8]))
+    cfg = GPTConfig(
+        vocab_size=draw(st.integers(8, 64)),
+        n_positions=16,
+        n_embd=n_embd,
+        n_layer=draw(st.integers(1, 3)),
+        n_head=n_head,
+        n_inner=draw(st.sampled_from([None, 2 * n_embd, 3 * n_embd])),
+        attention_pattern=draw(st.sampled_from([["global"], ["global", "local"]])),
+        local_window=16,
+        activation_function=draw(st.sampled_from(["gelu_new", "gelu", "relu"])),
+        tie_word_embeddings=draw(st.booleans()),
+    )
+    torch.manual_seed(draw(st.integers(0, 2**16)))
+    model = GPTForCausalLM(cfg).eval()
+    with torch.no_grad():  # peaked attention, and LayerNorm gains/shifts away from 1/0, so a mix-up shows
+        for block in model.transformer.h:
+            block.attn.c_attn.weight[: 2 * cfg.n_embd] *= 4.0
+        for name, p in model.named_parameters():
+            if ".ln_" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+@settings(
+    max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_export_then_import_is_exact(tmp_path_factory, data):
+    """Ours -> `export_to_transformers` -> transformers' GPT2LMHeadModel, and back into ours: the same logits
+    (GPT-2's Conv1D computes in another order: 1e-5 absolute, fp32) and exactly the same weights."""
+    from transformers import GPT2LMHeadModel
+
+    from hf_gpt.conversion import export_to_transformers
+
+    model = data.draw(gpt2_expressible_models())
+    folder = tmp_path_factory.mktemp("prop_export")
+    assert export_to_transformers(model, folder, tokenizer=None) == "gpt2"
+    theirs = GPT2LMHeadModel.from_pretrained(folder).eval()
+    back = GPTForCausalLM.from_pretrained(folder).eval()
+    ids = torch.tensor([random_ids(data.draw, model.config.vocab_size, data.draw(st.integers(1, 16)))])
+    with torch.no_grad():
+        want = model(ids).logits
+        torch.testing.assert_close(theirs(ids).logits, want, atol=ATOL, rtol=0)
+        torch.testing.assert_close(back(ids).logits, want, atol=ATOL, rtol=0)
+    ours, again = model.state_dict(), back.state_dict()
+    assert ours.keys() == again.keys()
+    for name in ours:
+        assert torch.equal(ours[name], again[name]), name
+    assert back.config.tie_word_embeddings == model.config.tie_word_embeddings
