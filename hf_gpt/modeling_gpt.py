@@ -77,8 +77,10 @@ def one_row_matmuls(tokens: torch.Tensor | None) -> Iterator[None]:
     instead of oneDNN's: for one row, its bf16 matrix-vector kernel streams the weights about twice as fast
     (measured on the project's machine; fp32 goes through the same BLAS either way, bit for bit). For more
     rows oneDNN is the faster one, so it stays."""
-    one_row = tokens is not None and tokens.device.type == "cpu" and tokens.shape[:2].numel() == 1
-    if not one_row or not torch.backends.mkldnn.enabled or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or tokens is None or tokens.device.type != "cpu":
+        yield  # (checked first: a traced graph must not branch on the number of rows)
+        return
+    if tokens.shape[:2].numel() != 1 or not torch.backends.mkldnn.enabled:
         yield
         return
     torch.backends.mkldnn.enabled = False
@@ -219,10 +221,11 @@ class AttentionMasks:
         return self._built["slots"]
 
     def get(self, kind: str, k_len: int, device: torch.device) -> torch.Tensor | None:
-        key = (kind, k_len)
-        if key not in self._built:
-            self._built[key] = self._build(kind, k_len, device)
-        return self._built[key]
+        # Every layer of one forward sees the same cache length, so the kind alone names the mask (a key
+        # length would be a symbolic int under torch.export, which cannot be hashed).
+        if kind not in self._built:
+            self._built[kind] = self._build(kind, k_len, device)
+        return self._built[kind]
 
     def _build(self, kind: str, k_len: int, device: torch.device) -> torch.Tensor | None:
         T = self.q_len
@@ -286,8 +289,11 @@ class GPTAttention(nn.Module):
         # Written out so the attention probabilities can be returned. Also on CPU where SDPA is slower: with
         # attention dropout it has no fused kernel and its fallback makes several more passes over
         # (B, nh, T, Tk); in bf16 its fused kernel is tuned for long queries, not a decoding step's one.
-        one_query = T == 1 and q.dtype != torch.float32
-        written_out = x.device.type == "cpu" and (dropout > 0 or one_query)
+        written_out = (
+            x.device.type == "cpu"
+            and not torch.compiler.is_compiling()  # a traced graph must not branch on T
+            and (dropout > 0 or (T == 1 and q.dtype != torch.float32))
+        )
         if output_attentions or self.config._attn_implementation == "eager" or written_out:
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, nh, T, Tk)
             if mask is None:
@@ -498,6 +504,7 @@ class GPTModel(GPTPreTrainedModel):
             if not compiling and key_padding.all():
                 key_padding = None  # all ones: the fast causal path applies
         slots = past + torch.arange(T, device=inputs_embeds.device)  # (T,) cache slots of the new tokens
+        positions_given = position_ids is not None
         if position_ids is None:
             if key_padding is not None:
                 # Count only real tokens, so a left-padded row gets the positions it would have alone.
@@ -509,11 +516,12 @@ class GPTModel(GPTPreTrainedModel):
             x = x + self.wte(token_type_ids)
         x = self.drop(x)
         documents = None
-        if attention_mask is None and past == 0 and position_ids is not None and T > 1:
+        if positions_given and attention_mask is None and past == 0 and T > 1:
             # Padding-free packed batches (e.g. TRL's packing) give no mask but restart position_ids at 0
-            # for each document; each document must attend only to itself.
+            # for each document; each document must attend only to itself. (A traced graph cannot test the
+            # values, so it always takes the document mask, which is the plain causal one for a single document.)
             starts = position_ids.expand(B, T) == 0
-            if starts[:, 1:].any():
+            if compiling or starts[:, 1:].any():
                 documents = starts.long().cumsum(-1)  # (B, T)
         masks = AttentionMasks(key_padding, past, T, cfg.local_window, documents)
 

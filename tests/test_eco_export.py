@@ -1,18 +1,15 @@
 """torch.export and ONNX (issue 8): the LM forward on `input_ids` (dynamic batch and sequence length) exported
 and run outside eager PyTorch, with the eager logits.
 
-Paths, on torch 2.13 / onnxscript 0.7 / onnxruntime 1.32:
-- `torch.onnx.export(..., dynamo=False)` (TorchScript tracing, deprecated in torch but still shipped): works.
-- `torch.export.export`, `torch.onnx.export(..., dynamo=True)` and transformers' `exporters.OnnxExporter`
-  (all built on torch.export): fail on two spots in `modeling_gpt.py`, marked xfail below until the model
-  changes (README "Works with" gives the change).
+Paths, on torch 2.13 / onnxscript 0.7 / onnxruntime 1.32, all with dynamic batch and length, checked at a shape
+other than the traced one: `torch.export.export`, `torch.onnx.export(dynamo=True)`, transformers'
+`exporters.OnnxExporter` (both built on torch.export), and the older TorchScript `torch.onnx.export(dynamo=False)`.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from hf_gpt import GPTConfig, GPTForCausalLM
 
@@ -20,14 +17,6 @@ pytest.importorskip("onnxruntime", reason="pip install -e '.[ecosystem]'")
 pytest.importorskip("onnxscript", reason="pip install -e '.[ecosystem]'")
 
 ATOL = 1e-4
-# Why the torch.export-based paths fail today. GPTModel.forward fills in position_ids itself and then tests
-# `position_ids is not None` to look for packed documents, so a plain forward runs the data-dependent
-# `if starts[:, 1:].any()` (a value, not a shape: torch.export cannot trace it). With that fixed, the next
-# stop is AttentionMasks.get keying its cache on the key length, a SymInt under dynamic shapes (unhashable).
-EXPORT_BLOCKED = (
-    "modeling_gpt.GPTModel.forward: data-dependent `if starts[:, 1:].any()` runs even when the caller gave no "
-    "position_ids; then AttentionMasks.get hashes a SymInt key length. See README 'Works with'."
-)
 
 
 class LogitsOnly(torch.nn.Module):
@@ -51,9 +40,10 @@ def lm():
     return LogitsOnly(model).eval()
 
 
-# Traced at one shape, checked at another: the exported graph must not have frozen (B, T).
+# Traced at one shape, checked at others (batch 1 too): the exported graph must not have frozen (B, T).
 TRACE_IDS = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
 OTHER_IDS = torch.randint(0, 128, (3, 11), generator=torch.Generator().manual_seed(2))
+ONE_ROW_IDS = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(3))
 
 
 def dynamic_shapes():
@@ -63,7 +53,9 @@ def dynamic_shapes():
 
 def max_err(run, lm) -> float:
     with torch.no_grad():
-        return max((torch.as_tensor(run(ids)) - lm(ids)).abs().max().item() for ids in (TRACE_IDS, OTHER_IDS))
+        return max(
+            (torch.as_tensor(run(ids)) - lm(ids)).abs().max().item() for ids in (TRACE_IDS, OTHER_IDS, ONE_ROW_IDS)
+        )
 
 
 def onnxruntime_runner(path):
@@ -75,7 +67,7 @@ def onnxruntime_runner(path):
 
 def test_onnx_torchscript_export_runs_in_onnxruntime(lm, tmp_path):
     path = tmp_path / "model.onnx"
-    with pytest.warns(DeprecationWarning):  # torch says so; this is the path that works today
+    with pytest.warns(DeprecationWarning):  # torch deprecates the TorchScript exporter; it still works
         torch.onnx.export(
             lm,
             (TRACE_IDS,),
@@ -89,14 +81,12 @@ def test_onnx_torchscript_export_runs_in_onnxruntime(lm, tmp_path):
     assert err < ATOL, f"onnxruntime vs eager max abs logit difference {err}"
 
 
-@pytest.mark.xfail(strict=True, raises=GuardOnDataDependentSymNode, reason=EXPORT_BLOCKED)
 def test_torch_export_matches_eager(lm):
     program = torch.export.export(lm, (TRACE_IDS,), dynamic_shapes=dynamic_shapes())
     err = max_err(program.module(), lm)
     assert err < 1e-5, f"exported vs eager max abs logit difference {err}"
 
 
-@pytest.mark.xfail(strict=True, raises=torch.onnx.OnnxExporterError, reason=EXPORT_BLOCKED)
 def test_onnx_dynamo_export_runs_in_onnxruntime(lm, tmp_path):
     program = torch.onnx.export(
         lm,
@@ -111,7 +101,6 @@ def test_onnx_dynamo_export_runs_in_onnxruntime(lm, tmp_path):
     assert err < ATOL, f"onnxruntime vs eager max abs logit difference {err}"
 
 
-@pytest.mark.xfail(strict=True, raises=GuardOnDataDependentSymNode, reason=EXPORT_BLOCKED)
 def test_transformers_onnx_exporter_runs_in_onnxruntime(lm):
     from transformers.exporters import OnnxConfig, OnnxExporter
 
