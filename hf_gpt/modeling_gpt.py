@@ -111,15 +111,22 @@ def recompute_in_backward(out: torch.Tensor, recompute: Callable[[], torch.Tenso
         yield
 
 
+# `LinearCrossEntropy` makes fp32 logits LOSS_CHUNK_ELEMENTS at a time (64 MiB), and keeps their gradient for
+# up to GRAD_BLOCK_ELEMENTS logits (256 MiB in bf16) before turning it into the gradients of h and weight.
+LOSS_CHUNK_ELEMENTS = 2**24
+GRAD_BLOCK_ELEMENTS = 2**27
+
+
 class LinearCrossEntropy(torch.autograd.Function):
-    """Cross-entropy of `h @ weight.T` against `targets`, made a chunk of rows at a time.
+    """Cross-entropy of `h @ weight.T` against `targets`, without keeping (N, vocab) fp32 logits.
 
     The training loss of a 50k-token vocabulary is dominated by memory, not arithmetic: the usual path
     keeps (N, vocab) logits, their fp32 copy, the log-softmax and its gradient, several hundred MB at
-    GPT-2 small and a few full passes over each. Here each chunk's logits live only while that chunk's
-    loss and gradient (softmax - one-hot, as in any cross-entropy backward) are computed, and the
-    gradients of `h` and `weight` are finished in the same pass; backward only scales them. The matmuls
-    run in `compute_dtype` (bf16 under autocast), the softmax and the sums in fp32.
+    GPT-2 small, and makes a few full passes over each. Here a chunk of rows' fp32 log-softmax lives only
+    while its loss and its gradient (softmax - one-hot, as in any cross-entropy backward) are computed. The
+    gradient is kept in the matmul dtype, as autocast's backward would have it, for a block of rows, and
+    turned into the gradients of `h` and `weight` with one matmul each per block (a whole CPU batch is one
+    block: large matmuls run fastest). All of it happens in forward; backward only scales the results.
     """
 
     @staticmethod
@@ -127,32 +134,33 @@ class LinearCrossEntropy(torch.autograd.Function):
         # h (N, C), weight (V, C), targets (N,) with `ignore_index` for positions without a target.
         needs_grad_h, needs_grad_w = ctx.needs_input_grad[:2]
         with torch.autocast(h.device.type, enabled=False):
-            w = weight.to(compute_dtype)
-            grad_h = torch.empty(h.shape, dtype=compute_dtype, device=h.device) if needs_grad_h else None
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if needs_grad_w else None
-            total = torch.zeros((), dtype=torch.float32, device=h.device)
-            chunk = max(1, 2**23 // weight.shape[0])  # rows whose fp32 logits take ~32 MB
-            for start in range(0, h.shape[0], chunk):
-                hc, tc = h[start : start + chunk].to(compute_dtype), targets[start : start + chunk]
-                logp = torch.log_softmax(hc @ w.T, dim=-1, dtype=torch.float32)  # (n, V)
-                ignored = tc == ignore_index
-                tc = tc.masked_fill(ignored, 0)
-                total -= logp.gather(1, tc[:, None]).squeeze(1).masked_fill(ignored, 0.0).sum()
-                if not (needs_grad_h or needs_grad_w):
-                    continue
-                grad = logp.exp_()  # d(-log p_target)/d(logits) = softmax - one-hot
-                grad[torch.arange(len(tc), device=h.device), tc] -= 1.0
-                grad.masked_fill_(ignored[:, None], 0.0)  # (boolean indexing would sync a GPU)
-                grad = grad.to(compute_dtype)
+            x, w = h.to(compute_dtype), weight.to(compute_dtype)
+            N, V = x.shape[0], w.shape[0]
+            total = torch.zeros((), dtype=torch.float32, device=x.device)
+            grad_h = torch.empty_like(x) if needs_grad_h else None
+            grad_w = None
+            chunk = max(1, LOSS_CHUNK_ELEMENTS // V)  # rows of fp32 logits at a time
+            block = chunk * max(1, GRAD_BLOCK_ELEMENTS // (chunk * V))  # rows of logit gradients at a time
+            for b in range(0, N, block):
+                grad_logits = None  # (n, V): d loss_sum / d logits of this block's rows
+                if needs_grad_h or needs_grad_w:
+                    grad_logits = torch.empty(min(block, N - b), V, dtype=compute_dtype, device=x.device)
+                for c in range(b, min(b + block, N), chunk):
+                    logp = torch.log_softmax(x[c : c + chunk] @ w.T, dim=-1, dtype=torch.float32)  # (n, V)
+                    tc = targets[c : c + chunk]
+                    ignored = tc == ignore_index
+                    tc = tc.masked_fill(ignored, 0)
+                    total -= logp.gather(1, tc[:, None]).squeeze(1).masked_fill(ignored, 0.0).sum()
+                    if grad_logits is not None:
+                        grad = logp.exp_()  # d(-log p_target)/d(logits) = softmax - one-hot
+                        grad[torch.arange(len(tc), device=x.device), tc] -= 1.0
+                        grad.masked_fill_(ignored[:, None], 0.0)  # (boolean indexing would sync a GPU)
+                        grad_logits[c - b : c - b + chunk] = grad
                 if needs_grad_h:
-                    torch.mm(grad, w, out=grad_h[start : start + chunk])
-                if needs_grad_w and compute_dtype == grad_w.dtype:
-                    grad_w.addmm_(grad.T, hc)
-                elif needs_grad_w:
-                    grad_w += grad.T @ hc  # summed over chunks in fp32
-            if needs_grad_w:
-                # Kept until backward in the matmul dtype, rounded once, as autocast's own weight gradient is.
-                grad_w = grad_w.to(compute_dtype)
+                    torch.mm(grad_logits, w, out=grad_h[b : b + block])  # (n, C)
+                if needs_grad_w:
+                    part = grad_logits.T @ x[b : b + block]  # (V, C)
+                    grad_w = part if grad_w is None else grad_w.float() + part  # summed in fp32 over blocks
         ctx.save_for_backward(grad_h, grad_w, denominator)
         ctx.dtypes = h.dtype, weight.dtype
         return total / denominator
@@ -162,10 +170,11 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w, denominator = ctx.saved_tensors
         scale = grad_loss / denominator
         h_dtype, w_dtype = ctx.dtypes
-        # Scaled in place: no second copy of a (vocab, C) gradient. A second backward through the same graph
-        # then fails autograd's saved-tensor version check instead of using scaled gradients.
-        grad_h = grad_h.mul_(scale).to(h_dtype) if grad_h is not None else None
-        grad_w = grad_w.mul_(scale).to(w_dtype) if grad_w is not None else None
+        # Cast up first, then scaled in place: no second copy of a (vocab, C) gradient. (Where no cast is needed
+        # that scales the saved tensor; a second backward through the graph then fails autograd's version check
+        # rather than using scaled gradients.)
+        grad_h = grad_h.to(h_dtype).mul_(scale) if grad_h is not None else None
+        grad_w = grad_w.to(w_dtype).mul_(scale) if grad_w is not None else None
         return grad_h, grad_w, None, None, None, None
 
 

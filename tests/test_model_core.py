@@ -409,3 +409,42 @@ def test_packed_position_ids_keep_documents_apart():
             alone = model(torch.tensor([d])).logits[0]
             torch.testing.assert_close(packed[start : start + len(d)], alone, atol=ATOL, rtol=0)
             start += len(d)
+
+
+# ---------------------------------------------------------------- the training loss path
+
+
+@pytest.mark.parametrize("chunk_rows, block_chunks", [(1000, 1), (3, 1), (3, 2), (4, 100)])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_training_loss_without_logits_equals_the_logits_path(monkeypatch, chunk_rows, block_chunks, autocast):
+    """In train mode with labels the loss comes from the hidden states a chunk of rows at a time, its gradient
+    kept for blocks of chunks (`LinearCrossEntropy`); loss and every gradient must equal the usual logits path,
+    with ignored labels and `num_items_in_batch`, however the rows split into chunks and blocks."""
+    import hf_gpt.modeling_gpt as modeling
+
+    vocab = 128
+    monkeypatch.setattr(modeling, "LOSS_CHUNK_ELEMENTS", chunk_rows * vocab)
+    monkeypatch.setattr(modeling, "GRAD_BLOCK_ELEMENTS", block_chunks * chunk_rows * vocab)
+    model = tiny_model(seed=5, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # train forward == eval forward
+    ids = torch.randint(0, vocab, (3, 11), generator=torch.Generator().manual_seed(6))
+    labels = ids.masked_fill(torch.rand(ids.shape, generator=torch.Generator().manual_seed(7)) < 0.3, -100)
+
+    def loss_and_grads(train: bool, **kw):
+        model.train(train)
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(ids, labels=labels, **kw)
+        assert (out.logits is None) == train  # the fast path really ran, or really did not
+        out.loss.backward()
+        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    for kw in ({}, {"num_items_in_batch": torch.tensor(17)}):
+        fast, fast_grads = loss_and_grads(True, **kw)
+        slow, slow_grads = loss_and_grads(False, **kw)
+        # bf16: both paths round the same matmuls, but in different orders and chunks.
+        atol, rtol = (2e-2, 2e-2) if autocast else (1e-6, 1e-5)
+        torch.testing.assert_close(fast, slow, atol=atol, rtol=rtol)
+        assert fast_grads.keys() == slow_grads.keys() and len(fast_grads) == len(list(model.parameters()))
+        for name in slow_grads:
+            scale = slow_grads[name].abs().max()
+            torch.testing.assert_close(fast_grads[name], slow_grads[name], atol=atol * scale, rtol=rtol, msg=name)
