@@ -281,7 +281,7 @@ def measure_training(ref, ours, args) -> list[dict]:
 OP_GROUPS = {
     "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
     "copies and dtype casts": ("aten::copy_", "aten::cat", "aten::contiguous"),
-    "dropout RNG": ("aten::bernoulli_",),
+    "dropout RNG": ("aten::bernoulli_", "aten::uniform_"),
     "softmax / log-softmax (attention, loss)": ("softmax", "log_softmax", "logsumexp"),
     "optimizer, clipping, zero_grad": ("adam", "norm", "zero_", "fill_", "_foreach"),
 }

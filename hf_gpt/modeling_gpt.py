@@ -313,7 +313,7 @@ class GPTAttention(nn.Module):
             if dropout > 0:
                 # Dropout written out, so that backward rebuilds the dropped probabilities from `probs` (kept for
                 # the softmax's gradient) and `keep` (for the dropout's) rather than storing them too.
-                keep = torch.empty_like(probs, dtype=torch.bool).bernoulli_(1 - dropout)
+                keep = torch.rand(probs.shape, device=probs.device) >= dropout  # (rand: twice bernoulli_'s speed on CPU)
                 weights = probs * keep / (1 - dropout)
                 with recompute_in_backward(weights, lambda: probs * keep / (1 - dropout)):
                     y = weights @ v  # (B, nh, T, hs)
