@@ -295,14 +295,9 @@ class GPTAttention(nn.Module):
 
         dropout = self.config.attn_pdrop if self.training else 0.0
         weights = None
-        # Written out so the attention probabilities can be returned. Also on CPU where SDPA is slower: with
-        # attention dropout it has no fused kernel and its fallback makes several more passes over
-        # (B, nh, T, Tk); in bf16 its fused kernel is tuned for long queries, not a decoding step's one.
-        written_out = (
-            x.device.type == "cpu"
-            and not torch.compiler.is_compiling()  # a traced graph must not branch on T
-            and (dropout > 0 or (T == 1 and q.dtype != torch.float32))
-        )
+        # Written out so the attention probabilities can be returned. Also on CPU with attention dropout, where
+        # SDPA has no fused kernel and its fallback makes several more passes over (B, nh, T, Tk).
+        written_out = x.device.type == "cpu" and dropout > 0
         if output_attentions or self.config._attn_implementation == "eager" or written_out:
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, nh, T, Tk)
             if mask is None:
@@ -313,7 +308,8 @@ class GPTAttention(nn.Module):
             if dropout > 0:
                 # Dropout written out, so that backward rebuilds the dropped probabilities from `probs` (kept for
                 # the softmax's gradient) and `keep` (for the dropout's) rather than storing them too.
-                keep = torch.rand(probs.shape, device=probs.device) >= dropout  # (rand: twice bernoulli_'s speed on CPU)
+                # (torch.rand is about twice as fast as bernoulli_ on CPU)
+                keep = torch.rand(probs.shape, device=probs.device) >= dropout
                 weights = probs * keep / (1 - dropout)
                 with recompute_in_backward(weights, lambda: probs * keep / (1 - dropout)):
                     y = weights @ v  # (B, nh, T, hs)
