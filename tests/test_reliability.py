@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -30,25 +29,7 @@ QUIET = ["--num_samples", "0", "--disable_tqdm", "true", "--report_to", "none"]
 NO_EVAL = ["--eval_strategy", "no", "--eval_on_start", "false", "--max_eval_samples", "8"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """As in test_training.py: one thread is fastest for these models, and two spin-wait on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> Path:
-    rng = random.Random(0)
-    who = ["the king", "my lord", "the queen", "a fool", "good Romeo", "fair Juliet", "the duke", "this man"]
-    does = ["speaks of", "loves", "hates", "calls for", "waits on", "follows", "mocks", "fears"]
-    what = ["the crown", "his sword", "the night", "her honour", "the sea", "my heart", "the moon", "thy name"]
-    lines = [f"{rng.choice(who).capitalize()} {rng.choice(does)} {rng.choice(what)}." for _ in range(600)]
-    path = tmp_path_factory.mktemp("text") / "tiny.txt"
-    path.write_text("\n".join(lines))
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -26,31 +25,7 @@ TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32
 QUIET = ["--num_samples", "0", "--disable_tqdm", "true", "--report_to", "none"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy machine two OpenMP threads that spin-wait
-    for each other run these models ~40x slower (measured: 8 ms vs 360 ms per forward)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def text_file(tmp_path_factory) -> Path:
-    """About 17 kB of simple, learnable English, made here (tests never read shared/data)."""
-    rng = random.Random(0)
-    who = ["the king", "my lord", "the queen", "a fool", "good Romeo", "fair Juliet", "the duke", "this man"]
-    does = ["speaks of", "loves", "hates", "calls for", "waits on", "follows", "mocks", "fears"]
-    what = ["the crown", "his sword", "the night", "her honour", "the sea", "my heart", "the moon", "thy name"]
-    lines = []
-    for i in range(600):
-        lines.append(f"{rng.choice(who).capitalize()} {rng.choice(does)} {rng.choice(what)}.")
-        if i % 4 == 3:
-            lines.append("")
-    path = tmp_path_factory.mktemp("text") / "tiny.txt"
-    path.write_text("\n".join(lines))
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="session")
