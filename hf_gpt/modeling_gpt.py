@@ -295,9 +295,12 @@ class GPTAttention(nn.Module):
 
         dropout = self.config.attn_pdrop if self.training else 0.0
         weights = None
-        # Written out so the attention probabilities can be returned. Also on CPU with attention dropout, where
-        # SDPA has no fused kernel and its fallback makes several more passes over (B, nh, T, Tk).
-        written_out = x.device.type == "cpu" and dropout > 0
+        # Written out so the attention probabilities can be returned. Also on CPU where SDPA is slower: with
+        # attention dropout (no fused kernel; its fallback makes several more passes over (B, nh, T, Tk)), and for
+        # a bf16 decoding step of several rows, where oneDNN's batched matmuls take a third of SDPA's time (at
+        # batch 1 SDPA is the faster, as `one_row_matmuls` turns oneDNN off there).
+        bf16_decoding = T == 1 and B > 1 and q.dtype == torch.bfloat16 and not torch.compiler.is_compiling()
+        written_out = x.device.type == "cpu" and (dropout > 0 or bf16_decoding)
         if output_attentions or self.config._attn_implementation == "eager" or written_out:
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, nh, T, Tk)
             if mask is None:
