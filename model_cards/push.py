@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 # scheduler states), TensorBoard/W&B logs, pickled training arguments (they may hold a token), caches.
 IGNORE_PATTERNS = (
     "checkpoint-*/",
+    ".checkpoint-staging/",  # a checkpoint being written (training/train_lm.py), or left by a killed run
     "runs/",
     "wandb/",
     "*.pt",

@@ -95,6 +95,8 @@ def make_run_folder(
     (folder / "checkpoint-10").mkdir()
     (folder / "checkpoint-10" / "optimizer.pt").write_bytes(b"\0" * 64)
     (folder / "checkpoint-10" / "model.safetensors").write_bytes(b"\0" * 64)
+    (folder / ".checkpoint-staging" / "checkpoint-12").mkdir(parents=True)  # a save cut short by a kill
+    (folder / ".checkpoint-staging" / "checkpoint-12" / "model.safetensors").write_bytes(b"\0" * 64)
     (folder / "runs").mkdir()
     (folder / "runs" / "events.out.tfevents").write_bytes(b"\0" * 16)
     (folder / "training_args.bin").write_bytes(b"\0" * 16)
