@@ -420,11 +420,11 @@ def test_training_loss_without_logits_equals_the_logits_path(monkeypatch, chunk_
     """In train mode with labels the loss comes from the hidden states a chunk of rows at a time, its gradient
     kept for blocks of chunks (`LinearCrossEntropy`); loss and every gradient must equal the usual logits path,
     with ignored labels and `num_items_in_batch`, however the rows split into chunks and blocks."""
-    import hf_gpt.modeling_gpt as modeling
+    import hf_gpt.ops as ops
 
     vocab = 128
-    monkeypatch.setattr(modeling, "LOSS_CHUNK_ELEMENTS", chunk_rows * vocab)
-    monkeypatch.setattr(modeling, "GRAD_BLOCK_ELEMENTS", block_chunks * chunk_rows * vocab)
+    monkeypatch.setattr(ops, "LOSS_CHUNK_ELEMENTS", chunk_rows * vocab)
+    monkeypatch.setattr(ops, "GRAD_BLOCK_ELEMENTS", block_chunks * chunk_rows * vocab)
     model = tiny_model(seed=5, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # train forward == eval forward
     ids = torch.randint(0, vocab, (3, 11), generator=torch.Generator().manual_seed(6))
     labels = ids.masked_fill(torch.rand(ids.shape, generator=torch.Generator().manual_seed(7)) < 0.3, -100)
