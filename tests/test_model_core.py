@@ -69,6 +69,39 @@ def test_greedy_generation_matches_transformers(family, gpt2_ref, gpt1_ref):
     assert len(set(got[0, 4:].tolist())) > 1  # not a degenerate constant continuation
 
 
+STRATEGIES = {
+    "beam search": dict(num_beams=3, num_return_sequences=2),
+    "sampling, top-k": dict(do_sample=True, top_k=20),
+    "static cache, beams": dict(cache_implementation="static", num_beams=2),
+    "repetition penalty, no-repeat n-grams": dict(repetition_penalty=1.3, no_repeat_ngram_size=2),
+    "prompt lookup": dict(prompt_lookup_num_tokens=3),
+    "assisted by itself": dict(assistant_model=True),
+}
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_generation_strategies_match_transformers(strategy, gpt2_ref):
+    """generate()'s other decoding loops (beam reordering of the cache, speculative rollback of the cache,
+    sampling, logits processors) give transformers' tokens, on a left-padded batch where they allow one."""
+    ref, folder = gpt2_ref
+    ours = GPTForCausalLM.from_pretrained(folder).eval()
+    kw = dict(STRATEGIES[strategy], max_new_tokens=12, min_new_tokens=12, pad_token_id=0)
+    kw.setdefault("do_sample", False)
+    ids = torch.randint(1, ref.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(8))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    if strategy in ("prompt lookup", "assisted by itself"):  # these loops take one row
+        ids, mask = ids[:1], mask[:1]
+    outs = []
+    for model in (ref, ours):
+        if strategy == "assisted by itself":
+            kw["assistant_model"] = model
+        torch.manual_seed(5)
+        outs.append(model.generate(ids, attention_mask=mask, **kw))
+    assert outs[0].shape[1] == ids.shape[1] + 12
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_pipeline_greedy_matches_transformers(tmp_path_factory, gpt2_tok):
     from conftest import make_gpt2
 
