@@ -72,6 +72,13 @@ def last_token_index(
     return (positions * real).argmax(-1)  # (B,)
 
 
+def as_returned(output, return_dict: bool | None, config: GPTConfig):
+    """transformers' convention: the `ModelOutput`, or its tuple (None fields left out) when `return_dict`, or
+    else `config.return_dict`, is False (torch.jit.trace, for one, needs tuples)."""
+    keep = return_dict if return_dict is not None else config.return_dict
+    return output if keep else output.to_tuple()
+
+
 class AttentionMasks:
     """Builds, once per forward and per kind, the boolean masks (True = may attend) the blocks share.
 
@@ -423,7 +430,7 @@ class GPTModel(GPTPreTrainedModel):
             attentions=all_attn,
             **{_CACHE_FIELD: cache if use_cache else None},
         )
-        return out if return_dict is not False else out.to_tuple()
+        return as_returned(out, return_dict, cfg)
 
 
 class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
@@ -509,7 +516,7 @@ class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
             attentions=out.attentions,
             **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)},
         )
-        return result if return_dict is not False else result.to_tuple()
+        return as_returned(result, return_dict, self.config)
 
     @staticmethod
     def create_masks_for_generate(
@@ -594,6 +601,7 @@ class GPTForSequenceClassification(GPTHeadModel):
             use_cache=False,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
         h = out.last_hidden_state  # (B*V, T, C)
         idx = last_token_index(input_ids, attention_mask, self.config.pad_token_id, h.shape[1])
@@ -604,9 +612,10 @@ class GPTForSequenceClassification(GPTHeadModel):
             loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
             aux = self.aux_lm_loss(h, input_ids, attention_mask)
             loss = loss if aux is None else loss + aux
-        return SequenceClassifierOutputWithPast(
+        output = SequenceClassifierOutputWithPast(
             loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
         )
+        return as_returned(output, return_dict, self.config)
 
 
 class GPTForMultipleChoice(GPTHeadModel):
@@ -653,6 +662,7 @@ class GPTForMultipleChoice(GPTHeadModel):
             use_cache=False,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
         h = out.last_hidden_state  # (B*K, T, C)
         if mc_token_ids is not None:
@@ -666,9 +676,10 @@ class GPTForMultipleChoice(GPTHeadModel):
             loss = F.cross_entropy(logits, labels)
             aux = self.aux_lm_loss(h, input_ids, attention_mask)
             loss = loss if aux is None else loss + aux
-        return MultipleChoiceModelOutput(
+        output = MultipleChoiceModelOutput(
             loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
         )
+        return as_returned(output, return_dict, self.config)
 
 
 class GPTForTokenClassification(GPTPreTrainedModel):
@@ -703,14 +714,16 @@ class GPTForTokenClassification(GPTPreTrainedModel):
             use_cache=False,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
         logits = self.classifier(self.dropout(out.last_hidden_state))  # (B, T, num_labels)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1), ignore_index=-100)
-        return TokenClassifierOutput(
+        output = TokenClassifierOutput(
             loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
         )
+        return as_returned(output, return_dict, self.config)
 
 
 class GPTForQuestionAnswering(GPTPreTrainedModel):
@@ -744,18 +757,20 @@ class GPTForQuestionAnswering(GPTPreTrainedModel):
             use_cache=False,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
         start_logits, end_logits = self.qa_outputs(out.last_hidden_state).unbind(-1)  # (B, T) each
         loss = None
         if start_positions is not None and end_positions is not None:
             loss = self.loss_function(start_logits, end_logits, start_positions, end_positions)
-        return QuestionAnsweringModelOutput(
+        output = QuestionAnsweringModelOutput(
             loss=loss,
             start_logits=start_logits,
             end_logits=end_logits,
             hidden_states=out.hidden_states,
             attentions=out.attentions,
         )
+        return as_returned(output, return_dict, self.config)
 
 
 __all__ = [

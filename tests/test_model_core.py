@@ -481,3 +481,51 @@ def test_training_loss_without_logits_equals_the_logits_path(monkeypatch, chunk_
         for name in slow_grads:
             scale = slow_grads[name].abs().max()
             torch.testing.assert_close(fast_grads[name], slow_grads[name], atol=atol * scale, rtol=rtol, msg=name)
+
+
+# ---------------------------------------------------------------- return_dict
+
+
+@pytest.mark.parametrize(
+    "cls_name",
+    [
+        "GPTModel",
+        "GPTForCausalLM",
+        "GPTForSequenceClassification",
+        "GPTForMultipleChoice",
+        "GPTForTokenClassification",
+        "GPTForQuestionAnswering",
+    ],
+)
+def test_return_dict_false_gives_the_same_outputs_as_a_tuple(cls_name):
+    """transformers' contract (and its own test suite's `test_model_outputs_equivalence`): `return_dict=False`,
+    or `config.return_dict = False`, returns the ModelOutput's `to_tuple()`."""
+    import hf_gpt
+
+    torch.manual_seed(0)
+    model = getattr(hf_gpt, cls_name)(tiny_config(num_labels=3, pad_token_id=0)).eval()
+    ids = torch.randint(1, 128, (2, 3, 6) if cls_name == "GPTForMultipleChoice" else (2, 6))
+    kw = dict(output_hidden_states=True)
+    with torch.no_grad():
+        as_dict = model(ids, **kw)
+        as_tuple = model(ids, return_dict=False, **kw)
+        model.config.return_dict = False
+        from_config = model(ids, **kw)
+    assert not isinstance(as_dict, tuple) and isinstance(as_tuple, tuple) and isinstance(from_config, tuple)
+    expected = as_dict.to_tuple()
+    for got in (as_tuple, from_config):
+        for a, b in zip(got, expected, strict=True):
+            if isinstance(a, torch.Tensor):
+                assert torch.equal(a, b)
+            elif isinstance(a, tuple):  # hidden states
+                assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_torch_jit_trace_with_tuple_outputs():
+    model = tiny_model(return_dict=False, use_cache=False)  # a tracer takes tensors and tuples only
+    ids = torch.randint(0, 128, (2, 9))
+    # (check_trace off: its second trace reports a differing graph; the outputs on other ids are compared below.)
+    traced = torch.jit.trace(model, (ids,), check_trace=False)
+    other = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        assert torch.allclose(traced(other)[0], model(other)[0], atol=1e-5)
