@@ -458,6 +458,7 @@ class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         past_key_values: Cache | None = None,
+        token_type_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """
@@ -479,6 +480,7 @@ class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
                 position_ids=position_ids,
                 cache=cache if cache is not None else past_key_values,
                 inputs_embeds=inputs_embeds,
+                token_type_ids=token_type_ids,
                 use_cache=use_cache,
                 output_attentions=output_attentions,
                 output_hidden_states=output_hidden_states,
@@ -580,6 +582,7 @@ class GPTForSequenceClassification(GPTHeadModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        token_type_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> SequenceClassifierOutputWithPast:
         """
@@ -598,6 +601,7 @@ class GPTForSequenceClassification(GPTHeadModel):
             attention_mask=attention_mask,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
+            token_type_ids=flat(token_type_ids),
             use_cache=False,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
@@ -639,6 +643,7 @@ class GPTForMultipleChoice(GPTHeadModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        token_type_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> MultipleChoiceModelOutput:
         """
@@ -659,6 +664,7 @@ class GPTForMultipleChoice(GPTHeadModel):
             attention_mask=attention_mask,
             position_ids=position_ids,
             inputs_embeds=flat(inputs_embeds),
+            token_type_ids=flat(token_type_ids),
             use_cache=False,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
@@ -703,6 +709,7 @@ class GPTForTokenClassification(GPTPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        token_type_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> TokenClassifierOutput:
         """labels: (B, T) class ids, -100 ignored. Returns `logits` (B, T, num_labels)."""
@@ -711,6 +718,7 @@ class GPTForTokenClassification(GPTPreTrainedModel):
             attention_mask=attention_mask,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
+            token_type_ids=token_type_ids,
             use_cache=False,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
@@ -746,6 +754,7 @@ class GPTForQuestionAnswering(GPTPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        token_type_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> QuestionAnsweringModelOutput:
         """start_positions / end_positions: (B,). Returns `start_logits`, `end_logits` (B, T)."""
@@ -754,6 +763,7 @@ class GPTForQuestionAnswering(GPTPreTrainedModel):
             attention_mask=attention_mask,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
+            token_type_ids=token_type_ids,
             use_cache=False,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,

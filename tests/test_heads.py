@@ -104,6 +104,35 @@ def test_multiple_choice_matches_gpt2_double_heads(gpt2_ref, tmp_path):
     torch.testing.assert_close(c, b.logits, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize(
+    "cls_name, ours_cls, field",
+    [
+        ("GPT2ForSequenceClassification", GPTForSequenceClassification, "logits"),
+        ("GPT2ForTokenClassification", GPTForTokenClassification, "logits"),
+        ("GPT2ForQuestionAnswering", GPTForQuestionAnswering, "start_logits"),
+        ("GPT2DoubleHeadsModel", GPTForMultipleChoice, "mc_logits"),
+    ],
+)
+def test_heads_use_token_type_ids_as_gpt2(cls_name, ours_cls, field, gpt2_ref, tmp_path):
+    """Every head hands `token_type_ids` to the transformer, as GPT-2's do (they were once silently dropped)."""
+    ref = reference_head(cls_name, gpt2_ref, tmp_path, num_labels=3)
+    ours = ours_cls.from_pretrained(tmp_path).eval()
+    ids, mask = padded_batch()
+    types = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
+    kw = {}
+    if ours_cls is GPTForMultipleChoice:  # (B, K, T): the same rows as K = 2 choices, each scored at its last token
+        ids, mask, types = (t[:, None].repeat(1, 2, 1) for t in (ids, mask, types))
+        kw["mc_token_ids"] = mask.sum(-1) - 1
+    with torch.no_grad():
+        a = ref(ids, attention_mask=mask, token_type_ids=types, **kw)[field]
+        b = ours(ids, attention_mask=mask, token_type_ids=types, **kw)[field.removeprefix("mc_")]
+        plain = ours(ids, attention_mask=mask, **kw)[field.removeprefix("mc_")]
+    if b.shape[:2] == mask.shape:  # one output per token: those of padding tokens are unspecified
+        a, b, plain = a[mask.bool()], b[mask.bool()], plain[mask.bool()]
+    torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+    assert not torch.allclose(b, plain, atol=1e-3)  # the types change the result
+
+
 def tiny(**kw) -> GPTConfig:
     return GPTConfig(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2, pad_token_id=0, **kw)
 

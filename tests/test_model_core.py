@@ -69,6 +69,23 @@ def test_greedy_generation_matches_transformers(family, gpt2_ref, gpt1_ref):
     assert len(set(got[0, 4:].tolist())) > 1  # not a degenerate constant continuation
 
 
+def test_token_type_ids_match_transformers_in_forward_and_generate(gpt2_ref):
+    """GPT-2 adds the token embedding of `token_type_ids`; the LM passes them on (it once dropped them, and
+    generate() refused them as unused)."""
+    ref, folder = gpt2_ref
+    ours = GPTForCausalLM.from_pretrained(folder).eval()
+    ids = torch.tensor([[5, 17, 33, 2, 9], [8, 40, 3, 11, 6]])
+    types = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 1, 1]])
+    with torch.no_grad():
+        a = ref(ids, token_type_ids=types).logits
+        b = ours(ids, token_type_ids=types).logits
+        plain = ours(ids).logits
+    torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+    assert not torch.allclose(b, plain, atol=1e-3)  # the types change the result
+    kw = dict(token_type_ids=types, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(ref.generate(ids, **kw), ours.generate(ids, **kw))
+
+
 STRATEGIES = {
     "beam search": dict(num_beams=3, num_return_sequences=2),
     "sampling, top-k": dict(do_sample=True, top_k=20),
