@@ -11,6 +11,7 @@ transpose (see `conversion.py`).
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +71,16 @@ def last_token_index(
         return T - 1
     positions = torch.arange(T, device=real.device)
     return (positions * real).argmax(-1)  # (B,)
+
+
+def cache_argument(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """`cache`, or else `past_key_values`, its name before transformers 5.24 (and deprecated from then on, with the
+    same warning as transformers' own models give)."""
+    if past_key_values is None:
+        return cache
+    if _CACHE_FIELD == "cache":
+        warnings.warn("`past_key_values` is deprecated; pass `cache` instead.", FutureWarning, stacklevel=3)
+    return cache if cache is not None else past_key_values
 
 
 def as_returned(output, return_dict: bool | None, config: GPTConfig):
@@ -335,7 +346,7 @@ class GPTModel(GPTPreTrainedModel):
             position_ids: (B, T); by default derived from `attention_mask` (so left padding is harmless),
                 else `past + arange(T)`.
             cache: a transformers `Cache` (dynamic or static) holding the keys/values of earlier tokens.
-                `past_key_values` is accepted as its older name.
+                `past_key_values` is accepted as its older name (with a deprecation warning from transformers 5.24).
             inputs_embeds: (B, T, C) instead of `input_ids`.
             token_type_ids: (B, T) ids embedded with the token embedding and added, as in transformers' GPT-2.
         Returns:
@@ -343,7 +354,7 @@ class GPTModel(GPTPreTrainedModel):
             `hidden_states` (n_layer + 1 of (B, T, C)) and `attentions` (n_layer of (B, nh, T, Tk)).
         """
         cfg = self.config
-        cache = cache if cache is not None else past_key_values
+        cache = cache_argument(cache, past_key_values)
         output_attentions = output_attentions if output_attentions is not None else cfg.output_attentions
         output_hidden_states = output_hidden_states if output_hidden_states is not None else cfg.output_hidden_states
         use_cache = use_cache if use_cache is not None else (cfg.use_cache and not self.training)
@@ -478,7 +489,7 @@ class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
                 input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                cache=cache if cache is not None else past_key_values,
+                cache=cache_argument(cache, past_key_values),
                 inputs_embeds=inputs_embeds,
                 token_type_ids=token_type_ids,
                 use_cache=use_cache,

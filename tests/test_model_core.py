@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from transformers import (
 
 from hf_gpt import PRESETS, GPTConfig, GPTForCausalLM, GPTModel
 from hf_gpt.configuration_gpt import PAPER_PARAMS
+from hf_gpt.modeling_gpt import _CACHE_FIELD
 
 ATOL = 1e-5
 
@@ -165,6 +167,24 @@ def test_cached_generation_equals_uncached():
         model(ids[:, :10], cache=cache)
         step = model(ids[:, 10:], cache=cache).logits[:, -1]
     torch.testing.assert_close(full, step, atol=ATOL, rtol=0)
+
+
+def test_past_key_values_is_the_deprecated_name_of_cache():
+    """transformers 5.24 renamed `past_key_values` to `cache` and its models warn about the old name: ours too,
+    with the same result. On older transformers `past_key_values` is the current name, so no warning."""
+    model = tiny_model()
+    ids = torch.tensor([[5, 17, 33, 2]])
+    with torch.no_grad():
+        cache = getattr(model(ids[:, :3], use_cache=True), _CACHE_FIELD)
+        new = model(ids[:, 3:], cache=copy.deepcopy(cache)).logits
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            old = model(ids[:, 3:], past_key_values=copy.deepcopy(cache)).logits
+            base = model.transformer(ids[:, 3:], past_key_values=copy.deepcopy(cache)).last_hidden_state
+    torch.testing.assert_close(old, new)
+    torch.testing.assert_close(model.lm_head(base), new)
+    warned = [w for w in caught if "`past_key_values` is deprecated" in str(w.message)]
+    assert len(warned) == (2 if _CACHE_FIELD == "cache" else 0)  # once per call, not twice through the LM
 
 
 def test_static_cache_equals_dynamic():
