@@ -149,7 +149,10 @@ class AttentionMasks:
             mask = mask | (q_slot == k_slot)[None, None]
         if self.documents is not None:  # padding-free packing: no attention across document boundaries
             docs = self.documents
-            mask = mask & (docs[:, None, :, None] == docs[:, None, None, :])  # (B, 1, T, T)
+            same = docs[:, None, :, None] == docs[:, None, None, :]  # (B, 1, T, T)
+            # Documents come only without a past, so keys 0..T-1 are this call's tokens; a static cache's
+            # further (future, already masked) slots are padded on.
+            mask = mask & F.pad(same, (0, k_len - T), value=False)  # (B, 1, T, Tk)
         return mask
 
 

@@ -474,6 +474,9 @@ def test_packed_position_ids_keep_documents_apart():
     pos = torch.tensor([sum([list(range(len(d))) for d in docs], [])])
     with torch.no_grad():
         packed = model(ids, position_ids=pos).logits[0]
+        # Into a static cache longer than the batch too (the document mask once failed to broadcast to it).
+        static = model(ids, position_ids=pos, cache=StaticCache(config=model.config, max_cache_len=32)).logits[0]
+        torch.testing.assert_close(static, packed, atol=ATOL, rtol=0)
         start = 0
         for d in docs:
             alone = model(torch.tensor([d])).logits[0]
