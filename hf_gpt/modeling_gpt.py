@@ -272,8 +272,7 @@ class GPTPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["GPTBlock"]
     _supports_sdpa = True
-    _supports_cache_class = True
-    _supports_static_cache = True
+    _can_compile_fullgraph = True
     # Old GPT-2 / GPT-1 checkpoints carry causal-mask buffers; masks are built on the fly here.
     _keys_to_ignore_on_load_unexpected = [r"\.attn\.bias$", r"\.attn\.masked_bias$"]
 
@@ -418,7 +417,10 @@ class GPTModel(GPTPreTrainedModel):
             x = x + self.wte(token_type_ids)
         x = self.drop(x)
         documents = None
-        if positions_given and attention_mask is None and past == 0 and T > 1:
+        # A static cache's length is a 0-d tensor, which a compiled graph cannot branch on; there only an int 0
+        # counts as no past (packed documents come in training batches, which have no cache).
+        no_past = isinstance(past, int) and past == 0 if compiling else int(past) == 0
+        if positions_given and attention_mask is None and no_past and T > 1:
             # Padding-free packed batches (e.g. TRL's packing) give no mask but restart position_ids at 0
             # for each document; each document must attend only to itself. (A traced graph cannot test the
             # values, so it always takes the document mask, which is the plain causal one for a single document.)

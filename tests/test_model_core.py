@@ -202,6 +202,23 @@ def test_static_cache_equals_dynamic():
     torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
 
 
+def test_static_cache_steps_trace_without_graph_breaks():
+    """`_can_compile_fullgraph`: a prefill and a decoding step on a static cache, with the position_ids that
+    generate() passes and no mask, trace as one graph (the packed-documents check once branched on the
+    static cache's tensor length). backend="eager" only traces, so this takes seconds."""
+    torch._dynamo.reset()
+    model = tiny_model()
+    assert type(model)._can_compile_fullgraph
+    step = torch.compile(model, fullgraph=True, backend="eager", dynamic=False)
+    prompt = torch.tensor([[7, 8, 9], [3, 2, 1]])
+    with torch.no_grad():
+        expected = model(torch.cat([prompt, prompt[:, :1]], 1)).logits
+        cache = StaticCache(config=model.config, max_cache_len=16)
+        a = step(prompt, position_ids=torch.arange(3)[None].expand(2, -1), cache=cache).logits
+        b = step(prompt[:, :1], position_ids=torch.full((2, 1), 3), cache=cache).logits
+    torch.testing.assert_close(torch.cat([a, b], 1), expected, atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("kind", ["global", "local"])
 def test_left_padded_batch_equals_rows_alone(kind):
     model = tiny_model(attention_pattern=[kind], local_window=4)
