@@ -94,9 +94,9 @@ class AttentionMasks:
     """Builds, once per forward and per kind, the boolean masks (True = may attend) the blocks share.
 
     Query i (0-based within this call) sits at cache slot `past + i`; key j at slot j. A key is visible
-    when it is not in the future, is not padding, lies in the same packed document, and, for "local"
-    layers, lies within the window. Returns None where SDPA's own `is_causal` path gives the same
-    result (no padding, no packing, no past, global).
+    when it is not in the future, is not padding, lies in the same packed document, is allowed by the
+    caller's own 4-D mask if one was given, and, for "local" layers, lies within the window. Returns None
+    where SDPA's own `is_causal` path gives the same result (no padding, no packing, no past, global).
     """
 
     def __init__(
@@ -106,9 +106,11 @@ class AttentionMasks:
         q_len: int,
         window: int,
         documents: torch.Tensor | None = None,
+        custom: torch.Tensor | None = None,
     ) -> None:
         self.key_padding = key_padding  # (B, past + T) or (B, static cache length) bool; None: nothing padded
         self.documents = documents  # (B, T) index of the packed document of each token, or None
+        self.custom = custom  # (B|1, 1, T, past + T) bool given by the caller, or None
         # `past` is a 0-d tensor for static caches. It is only ever added to, never read back into Python,
         # so a compiled decoding step has no data-dependent branch.
         self.past, self.q_len, self.window = past, q_len, window
@@ -130,7 +132,7 @@ class AttentionMasks:
     def _build(self, kind: str, k_len: int, device: torch.device) -> torch.Tensor | None:
         T = self.q_len
         no_past = isinstance(self.past, int) and self.past == 0
-        plain = self.key_padding is None and self.documents is None and no_past and k_len == T
+        plain = self.key_padding is None and self.documents is None and self.custom is None and no_past and k_len == T
         if plain and (kind == "global" or self.window >= T):
             return None
         q_slot = self.slots(device)[:, None]  # (T, 1)
@@ -153,6 +155,11 @@ class AttentionMasks:
             # Documents come only without a past, so keys 0..T-1 are this call's tokens; a static cache's
             # further (future, already masked) slots are padded on.
             mask = mask & F.pad(same, (0, k_len - T), value=False)  # (B, 1, T, Tk)
+        if self.custom is not None:
+            custom = self.custom
+            if custom.shape[-1] < k_len:  # a static cache is longer than the tokens seen so far
+                custom = F.pad(custom, (0, k_len - custom.shape[-1]), value=False)
+            mask = mask & custom[..., :k_len]  # (B|1, 1, T, Tk)
         return mask
 
 
@@ -344,7 +351,8 @@ class GPTModel(GPTPreTrainedModel):
         """
         Args:
             input_ids: (B, T) token ids; only the new tokens when `cache` holds the earlier ones.
-            attention_mask: (B, past + T), 1 for real tokens and 0 for padding (left or right).
+            attention_mask: (B, past + T), 1 for real tokens and 0 for padding (left or right); or a full
+                (B, 1, T, past + T) mask of which keys each query may see (bool, or additive floats).
             position_ids: (B, T); by default derived from `attention_mask` (so left padding is harmless),
                 else `past + arange(T)`.
             cache: a transformers `Cache` (dynamic or static) holding the keys/values of earlier tokens.
@@ -383,15 +391,17 @@ class GPTModel(GPTPreTrainedModel):
         # A static cache may also take the mask padded to its full length (what generate() passes it, so
         # every decoding step has the same shapes).
         widths = (int(past) + T, cache.get_max_length() if cache is not None else -1) if not compiling else ()
-        if (
-            attention_mask is not None
-            and widths
-            and (attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] not in widths)
-        ):
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)}; expected (batch, past + new tokens) = "
-                f"({B}, {widths[0]}): one 0/1 entry per cached and new token."
-            )
+        if attention_mask is not None and widths:
+            shape = tuple(attention_mask.shape)
+            if len(shape) == 4:
+                fits = shape[0] in (1, B) and shape[1:3] == (1, T) and shape[3] in widths
+            else:
+                fits = len(shape) == 2 and shape[0] == B and shape[1] in widths
+            if not fits:
+                raise ValueError(
+                    f"attention_mask has shape {shape}; expected (batch, past + new tokens) = ({B}, {widths[0]}): "
+                    f"one 0/1 entry per cached and new token (or a full mask of shape ({B}, 1, {T}, {widths[0]}))."
+                )
         if position_ids is not None:
             if position_ids.dim() != 2 or position_ids.shape[1] != T or position_ids.shape[0] not in (1, B):
                 raise ValueError(
@@ -399,8 +409,12 @@ class GPTModel(GPTPreTrainedModel):
                 )
             check_token_ids(position_ids, cfg.n_positions, "position_ids")
 
-        key_padding = None
-        if attention_mask is not None:
+        key_padding = custom = None
+        if attention_mask is not None and attention_mask.dim() == 4:
+            # The caller's full mask (e.g. several continuations sharing one prefix): True / 1 = may attend, or
+            # the additive float form transformers' models take (0 = may attend, a large negative = may not).
+            custom = attention_mask == 0 if attention_mask.is_floating_point() else attention_mask.bool()
+        elif attention_mask is not None:
             key_padding = attention_mask.bool()
             if not compiling and key_padding.all():
                 key_padding = None  # all ones: the fast causal path applies
@@ -427,7 +441,7 @@ class GPTModel(GPTPreTrainedModel):
             starts = position_ids.expand(B, T) == 0
             if compiling or starts[:, 1:].any():
                 documents = starts.long().cumsum(-1)  # (B, T)
-        masks = AttentionMasks(key_padding, past, T, cfg.local_window, documents)
+        masks = AttentionMasks(key_padding, past, T, cfg.local_window, documents, custom)
 
         all_hidden = () if output_hidden_states else None
         all_attn = () if output_attentions else None

@@ -248,6 +248,29 @@ def test_right_padding_leaves_real_tokens_unchanged():
     torch.testing.assert_close(padded, alone, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_full_4d_mask_shares_a_prefix(attn):
+    """A caller's own (B, 1, T, Tk) mask, as transformers' models take it: three continuations of one prefix
+    packed in a row, each last token seeing only the prefix and itself, give the logits of the rows run apart.
+    Both forms: bool (True = may attend) and additive floats (0 / large negative). Also after a cached prefix."""
+    model = tiny_model()
+    model.config._attn_implementation = attn
+    rows = torch.tensor([[10, 11, 12, 13], [10, 11, 12, 14], [10, 11, 12, 15]])
+    shared = torch.tensor([[10, 11, 12, 13, 14, 15]])
+    pos = torch.tensor([[0, 1, 2, 3, 3, 3]])
+    allowed = torch.ones(6, 6, dtype=torch.bool).tril()
+    allowed[4:, 3:] = torch.eye(6, dtype=torch.bool)[4:, 3:]  # 14 and 15 see the prefix and themselves
+    additive = (~allowed).float() * torch.finfo(torch.float32).min
+    with torch.no_grad():
+        expected = model(rows).logits[:, -1]  # (3, vocab)
+        for mask in (allowed, additive):
+            got = model(shared, attention_mask=mask[None, None], position_ids=pos).logits[0, 3:]
+            torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+        prefix = getattr(model(shared[:, :3], use_cache=True), _CACHE_FIELD)
+        got = model(shared[:, 3:], attention_mask=allowed[None, None, 3:], position_ids=pos[:, 3:], cache=prefix)
+    torch.testing.assert_close(got.logits[0], expected, atol=ATOL, rtol=0)
+
+
 def test_explicit_position_ids_are_used():
     model = tiny_model()
     ids = torch.tensor([[5, 6, 7]])
