@@ -283,6 +283,12 @@ class GPTPreTrainedModel(PreTrainedModel):
     # Old GPT-2 / GPT-1 checkpoints carry causal-mask buffers; masks are built on the fly here.
     _keys_to_ignore_on_load_unexpected = [r"\.attn\.bias$", r"\.attn\.masked_bias$"]
 
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        # transformers guesses this from the source (it looks for its AttentionInterface); GPTAttention reads
+        # config._attn_implementation on every call, so `set_attn_implementation("eager" | "sdpa")` takes effect.
+        return True
+
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):

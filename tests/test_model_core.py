@@ -300,6 +300,27 @@ def test_sdpa_equals_eager(pattern):
             )
 
 
+def test_set_attn_implementation_switches_at_runtime():
+    """`model.set_attn_implementation` takes effect (transformers refused it, guessing from our source), and
+    attention weights come back only from the written-out path the switch selects."""
+    model = tiny_model()
+    ids = torch.tensor([[5, 17, 33, 2, 9]])
+    with torch.no_grad():
+        sdpa = model(ids).logits
+        model.set_attn_implementation("eager")
+        assert model.config._attn_implementation == "eager"
+        assert all(block.attn.config._attn_implementation == "eager" for block in model.transformer.h)
+        calls = []
+        model.transformer.h[0].attn.register_forward_hook(lambda m, i, o: calls.append(o[1]))
+        eager = model(ids).logits
+    assert calls[0] is not None  # the eager path ran (it alone makes the probabilities)
+    torch.testing.assert_close(eager, sdpa, atol=ATOL, rtol=0)
+    model.set_attn_implementation("sdpa")
+    assert model.config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError):
+        model.set_attn_implementation("flash_attention_2")  # not supported, and said so
+
+
 def test_gradient_checkpointing_gives_same_gradients():
     torch.manual_seed(0)
     model = GPTForCausalLM(tiny_config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).train()
