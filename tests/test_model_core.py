@@ -16,7 +16,7 @@ from transformers import (
     pipeline,
 )
 
-from hf_gpt import PRESETS, GPTConfig, GPTForCausalLM, GPTModel
+from hf_gpt import PRESETS, GPTConfig, GPTForCausalLM, GPTModel, modeling_gpt
 from hf_gpt.configuration_gpt import PAPER_PARAMS
 from hf_gpt.modeling_gpt import _CACHE_FIELD
 
@@ -587,17 +587,7 @@ def test_training_loss_without_logits_equals_the_logits_path(monkeypatch, chunk_
 # ---------------------------------------------------------------- return_dict
 
 
-@pytest.mark.parametrize(
-    "cls_name",
-    [
-        "GPTModel",
-        "GPTForCausalLM",
-        "GPTForSequenceClassification",
-        "GPTForMultipleChoice",
-        "GPTForTokenClassification",
-        "GPTForQuestionAnswering",
-    ],
-)
+@pytest.mark.parametrize("cls_name", [name for name in modeling_gpt.__all__ if name != "GPTPreTrainedModel"])
 def test_return_dict_false_gives_the_same_outputs_as_a_tuple(cls_name):
     """transformers' contract (and its own test suite's `test_model_outputs_equivalence`): `return_dict=False`,
     or `config.return_dict = False`, returns the ModelOutput's `to_tuple()`."""
