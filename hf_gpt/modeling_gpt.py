@@ -142,25 +142,26 @@ class AttentionMasks:
             mask = mask & (q_slot - k_slot < self.window)
         mask = mask[None, None]  # (1, 1, T, Tk)
         if self.key_padding is not None:
-            pad = self.key_padding
-            if pad.shape[1] < k_len:  # a static cache is longer than the tokens seen so far
-                pad = F.pad(pad, (0, k_len - pad.shape[1]), value=False)
-            mask = mask & pad[:, None, None, :k_len]  # (B, 1, T, Tk)
+            mask = mask & over_keys(self.key_padding, k_len)[:, None, None, :]  # (B, 1, T, Tk)
             # A query that is itself padding sees nothing; let it see itself so softmax stays finite.
             # Its output is never used, and real tokens never attend to it.
             mask = mask | (q_slot == k_slot)[None, None]
         if self.documents is not None:  # padding-free packing: no attention across document boundaries
             docs = self.documents
             same = docs[:, None, :, None] == docs[:, None, None, :]  # (B, 1, T, T)
-            # Documents come only without a past, so keys 0..T-1 are this call's tokens; a static cache's
-            # further (future, already masked) slots are padded on.
-            mask = mask & F.pad(same, (0, k_len - T), value=False)  # (B, 1, T, Tk)
+            # Documents come only without a past, so keys 0..T-1 are this call's tokens.
+            mask = mask & over_keys(same, k_len)  # (B, 1, T, Tk)
         if self.custom is not None:
-            custom = self.custom
-            if custom.shape[-1] < k_len:  # a static cache is longer than the tokens seen so far
-                custom = F.pad(custom, (0, k_len - custom.shape[-1]), value=False)
-            mask = mask & custom[..., :k_len]  # (B|1, 1, T, Tk)
+            mask = mask & over_keys(self.custom, k_len)  # (B|1, 1, T, Tk)
         return mask
+
+
+def over_keys(mask: torch.Tensor, k_len: int) -> torch.Tensor:
+    """A boolean mask whose last dim runs over key slots, cut or padded (with False) to the `k_len` slots the
+    attention sees: a static cache is longer than the tokens seen so far, and its further slots are empty."""
+    if mask.shape[-1] < k_len:
+        mask = F.pad(mask, (0, k_len - mask.shape[-1]), value=False)
+    return mask[..., :k_len]
 
 
 class GPTAttention(nn.Module):

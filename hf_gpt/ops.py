@@ -23,10 +23,14 @@ def one_row_matmuls(tokens: torch.Tensor | None) -> Iterator[None]:
     instead of oneDNN's: for one row, its bf16 matrix-vector kernel streams the weights about twice as fast
     (measured on the project's machine; fp32 goes through the same BLAS either way, bit for bit). For more
     rows oneDNN is the faster one, so it stays."""
-    if torch.compiler.is_compiling() or tokens is None or tokens.device.type != "cpu":
-        yield  # (checked first: a traced graph must not branch on the number of rows)
-        return
-    if tokens.shape[:2].numel() != 1 or not torch.backends.mkldnn.enabled:
+    # (`is_compiling` first: a traced graph must not branch on the number of rows)
+    one_row = (
+        not torch.compiler.is_compiling()
+        and tokens is not None
+        and tokens.device.type == "cpu"
+        and tokens.shape[:2].numel() == 1
+    )
+    if not one_row or not torch.backends.mkldnn.enabled:
         yield
         return
     torch.backends.mkldnn.enabled = False
