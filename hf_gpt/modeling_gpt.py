@@ -30,7 +30,7 @@ from transformers.modeling_outputs import (
 from transformers.utils import logging
 
 from .configuration_gpt import GPTConfig
-from .ops import causal_lm_loss, one_row_matmuls, recompute_in_backward
+from .ops import Linear, causal_lm_loss, one_row_matmuls, recompute_in_backward
 
 logger = logging.get_logger(__name__)
 
@@ -173,8 +173,8 @@ class GPTAttention(nn.Module):
         self.layer_idx = layer_idx
         self.n_head, self.head_dim = config.n_head, config.head_dim
         self.kind = config.layer_attention(layer_idx)
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads in one matmul
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads in one matmul
+        self.c_proj = Linear(config.n_embd, config.n_embd)
         self.attn_dropout = nn.Dropout(config.attn_pdrop)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
@@ -230,9 +230,9 @@ class GPTMLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         inner = config.n_inner or 4 * config.n_embd
-        self.c_fc = nn.Linear(config.n_embd, inner)
+        self.c_fc = Linear(config.n_embd, inner)
         self.act = _ACTIVATIONS[config.activation_function]()
-        self.c_proj = nn.Linear(inner, config.n_embd)
+        self.c_proj = Linear(inner, config.n_embd)
         self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -478,7 +478,7 @@ class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__(config)
         self.transformer = GPTModel(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self.post_init()
 
     def forward(
@@ -510,7 +510,7 @@ class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
             In training mode with labels (and grad enabled), `logits` is None: the loss is computed
             without them.
         """
-        with one_row_matmuls(input_ids if input_ids is not None else inputs_embeds):
+        with one_row_matmuls(input_ids if input_ids is not None else inputs_embeds, self.dtype):
             out = self.transformer(
                 input_ids,
                 attention_mask=attention_mask,
@@ -581,7 +581,7 @@ class GPTHeadModel(GPTPreTrainedModel):
         super().__init__(config)
         self.transformer = GPTModel(config)
         # Tied to the input embedding, so it adds no parameters; used only for the auxiliary LM loss.
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head

@@ -584,6 +584,49 @@ def test_training_loss_without_logits_equals_the_logits_path(monkeypatch, chunk_
             torch.testing.assert_close(fast_grads[name], slow_grads[name], atol=atol * scale, rtol=rtol, msg=name)
 
 
+# ---------------------------------------------------------------- speed paths against the plain computation
+
+
+def test_linear_equals_f_linear_with_gradients():
+    """`ops.linear` gives F.linear's output and gradients: training products (through oneDNN on AMD CPUs), a
+    gradient of a gradient, torch.func.vmap, bf16, and single rows split over threads (odd sizes, no bias)."""
+    import torch.nn.functional as F
+
+    from hf_gpt import ops
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 48, requires_grad=True)
+    w = torch.randn(41, 48, requires_grad=True)
+    b = torch.randn(41, requires_grad=True)
+    out = ops.linear(x, w, b)
+    assert ("OneDNN" in type(out.grad_fn).__name__) == ops._ONEDNN_FP32  # the path this machine takes
+    ref = F.linear(x, w, b)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad(out, (x, w, b), g)
+    want = torch.autograd.grad(ref, (x, w, b), g)
+    for a, e in zip(got, want, strict=True):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-5)
+    # gradient of a gradient (create_graph): backward must use differentiable ops then
+    (gx,) = torch.autograd.grad(ops.linear(x, w, b).pow(2).sum(), x, create_graph=True)
+    (gx_ref,) = torch.autograd.grad(F.linear(x, w, b).pow(2).sum(), x, create_graph=True)
+    torch.testing.assert_close(torch.autograd.grad(gx.sum(), w)[0], torch.autograd.grad(gx_ref.sum(), w)[0])
+    with torch.no_grad():
+        assert torch.equal(ops.linear(x, w, b), F.linear(x, w, b))  # inference keeps the BLAS's bits
+        torch.testing.assert_close(torch.func.vmap(lambda r: ops.linear(r, w, b))(x), ref, atol=1e-5, rtol=1e-5)
+        xb, wb = x.bfloat16(), w.bfloat16()
+        assert torch.equal(ops.linear(xb, wb), F.linear(xb, wb))
+        row = x[:1, :1]  # (1, 1, 48): a decoding step at batch 1
+        for parts in (2, 3, 4):  # 41 outputs: blocks of 20/13/10 rows and a remainder
+            for bias in (b, None):
+                split = ops._one_row_on_all_threads(row, w, bias, parts)
+                torch.testing.assert_close(split, F.linear(row, w, bias), atol=1e-5, rtol=1e-6)
+        torch.testing.assert_close(ops.linear(row, w, b), F.linear(row, w, b), atol=1e-5, rtol=1e-6)
+    layer = ops.Linear(48, 41)
+    assert isinstance(layer, torch.nn.Linear)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------- return_dict
 
 
