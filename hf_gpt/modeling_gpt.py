@@ -204,20 +204,25 @@ class GPTAttention(nn.Module):
         bf16_decoding = T == 1 and B > 1 and q.dtype == torch.bfloat16 and not torch.compiler.is_compiling()
         written_out = x.device.type == "cpu" and (dropout > 0 or bf16_decoding)
         if output_attentions or self.config._attn_implementation == "eager" or written_out:
-            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, nh, T, Tk)
+            # Each pass over the (B, nh, T, Tk) scores costs as much as a block's small matmuls, so there are few:
+            # the 1/sqrt(hs) scale goes on q, the mask is added in place (nothing for backward to undo), and the
+            # dropout's 1/(1-p) goes on the (B, nh, T, hs) output.
+            scores = (q * (1 / math.sqrt(self.head_dim))) @ k.transpose(-2, -1)  # (B, nh, T, Tk)
             if mask is None:
                 mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril()
-            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+            min_value = torch.finfo(scores.dtype).min
+            scores += torch.zeros(mask.shape, dtype=scores.dtype, device=x.device).masked_fill_(~mask, min_value)
             # Softmax in the scores' dtype: low-precision kernels accumulate in fp32 and round once.
             weights = probs = F.softmax(scores, dim=-1)
             if dropout > 0:
                 # Dropout written out, so that backward rebuilds the dropped probabilities from `probs` (kept for
-                # the softmax's gradient) and `keep` (for the dropout's) rather than storing them too.
+                # the softmax's gradient) and `drop` (for the dropout's) rather than storing them too.
                 # (torch.rand is about twice as fast as bernoulli_ on CPU)
-                keep = torch.rand(probs.shape, device=probs.device) >= dropout
-                weights = probs * keep / (1 - dropout)
-                with recompute_in_backward(weights, lambda: probs * keep / (1 - dropout)):
-                    y = weights @ v  # (B, nh, T, hs)
+                drop = torch.rand(probs.shape, device=probs.device) < dropout
+                kept = probs.masked_fill(drop, 0.0)
+                with recompute_in_backward(kept, lambda: probs.masked_fill(drop, 0.0)):
+                    y = (kept @ v) * (1 / (1 - dropout))  # (B, nh, T, hs)
+                weights = kept / (1 - dropout) if output_attentions else None
             else:
                 y = weights @ v  # (B, nh, T, hs)
         else:

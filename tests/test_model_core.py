@@ -627,6 +627,42 @@ def test_linear_equals_f_linear_with_gradients():
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("output_attentions", [False, True])
+def test_training_attention_with_dropout_equals_the_plain_computation(output_attentions):
+    """The written-out training attention (scale on q, mask added in place, dropout drawn with torch.rand and
+    its 1/(1-p) applied to the output, dropped probabilities rebuilt in backward) against the textbook
+    formula with the same dropout draw: output, returned weights and every gradient."""
+    import math
+
+    torch.manual_seed(0)
+    cfg = tiny_config(n_layer=1, attn_pdrop=0.25, resid_pdrop=0.0)
+    attn = modeling_gpt.GPTAttention(cfg, 0).train()
+    x = torch.randn(2, 9, cfg.n_embd, requires_grad=True)
+    masks = modeling_gpt.AttentionMasks(None, 0, 9, cfg.local_window)
+    torch.manual_seed(1)
+    out, weights = attn(x, masks, None, output_attentions)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, *attn.parameters()), g)
+
+    torch.manual_seed(1)
+    B, T, C, nh = 2, 9, cfg.n_embd, cfg.n_head
+    q, k, v = attn.c_attn(x).split(C, dim=2)
+    q, k, v = (t.view(B, T, nh, C // nh).transpose(1, 2) for t in (q, k, v))
+    scores = q @ k.transpose(-2, -1) / math.sqrt(C // nh)
+    scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    dropped = probs * (torch.rand(probs.shape) >= cfg.attn_pdrop) / (1 - cfg.attn_pdrop)
+    ref = attn.c_proj((dropped @ v).transpose(1, 2).reshape(B, T, C))
+    want = torch.autograd.grad(ref, (x, *attn.parameters()), g)
+
+    assert 0 < (dropped == 0).float().mean() - (probs == 0).float().mean() < 0.5  # dropout really ran
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    if output_attentions:
+        torch.testing.assert_close(weights, dropped, atol=1e-6, rtol=1e-5)
+    for a, e in zip(got, want, strict=True):
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-4)
+
+
 # ---------------------------------------------------------------- return_dict
 
 
