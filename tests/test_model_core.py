@@ -627,6 +627,28 @@ def test_linear_equals_f_linear_with_gradients():
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
 
 
+def test_dropout_drops_a_fraction_p_and_scales_the_rest():
+    from hf_gpt import ops
+
+    layer = ops.Dropout(0.2).train()
+    assert isinstance(layer, torch.nn.Dropout)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.rand(400, 500, dtype=dtype) + 1.0  # no zeros of its own
+        x.requires_grad_(True)
+        torch.manual_seed(0)
+        y = layer(x)
+        assert y.dtype == dtype
+        dropped = y == 0
+        assert abs(dropped.float().mean().item() - 0.2) < 0.005  # 200k draws: 5 standard deviations
+        scale = torch.tensor(1 / 0.8, dtype=dtype)  # (bf16 rounds the scale, as F.dropout does)
+        assert torch.equal(y[~dropped], x[~dropped] * scale)
+        (grad,) = torch.autograd.grad(y.sum(), x)
+        assert torch.equal(grad, (~dropped).to(dtype) * scale)
+        torch.manual_seed(0)
+        assert torch.equal(layer(x), y)  # the draw follows torch's seed (gradient checkpointing replays it)
+    assert torch.equal(layer.eval()(x), x)
+
+
 @pytest.mark.parametrize("output_attentions", [False, True])
 def test_training_attention_with_dropout_equals_the_plain_computation(output_attentions):
     """The written-out training attention (scale on q, mask added in place, dropout drawn with torch.rand and
