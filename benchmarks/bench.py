@@ -80,6 +80,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=None, help="decode: new tokens per generate (default 128)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--memory-child", nargs=3, metavar=("FOLDER", "MODEL", "DTYPE"), help=argparse.SUPPRESS)
+    p.add_argument("--train-child", nargs=3, metavar=("FOLDER", "MODEL", "DTYPE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     shape = QUICK if args.quick else FULL
     args.shape = dict(shape)
@@ -227,24 +228,16 @@ def memory_child(folder: str, which: str, dtype: str, threads: int, batch: int, 
     )
 
 
+# Peak RSS counts only what a step really touches when freed memory goes back to the system at once.
+MEMORY_ENV = dict(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+
+
 def measure_memory(folder: Path, args: argparse.Namespace) -> list[dict]:
     rows = []
     for dtype in ("fp32", "bf16"):
         result = {}
         for which in MODELS:
-            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-            cmd = [sys.executable, "-m", "benchmarks.bench", "--memory-child", str(folder), which, dtype]
-            cmd += [
-                "--threads",
-                str(args.threads),
-                "--batch",
-                str(args.shape["batch"]),
-                "--seq",
-                str(args.shape["seq"]),
-            ]
-            cmd += ["--quick"] if args.quick else []
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
-            result[which] = json.loads(out.strip().splitlines()[-1])
+            result[which] = run_child("memory", folder, which, dtype, args)
         ref, ours = result["transformers"]["step_mib"], result["hf_gpt"]["step_mib"]
         rows.append(
             dict(
@@ -262,18 +255,47 @@ def measure_memory(folder: Path, args: argparse.Namespace) -> list[dict]:
 # ---------------------------------------------------------------- rows
 
 
-def measure_training(ref, ours, args) -> list[dict]:
+def train_child(folder: str, which: str, dtype: str, args: argparse.Namespace) -> dict:
+    """Seconds per training step of one model, alone in this process: `warmup` untimed steps, then `repeats`."""
+    model = load(Path(folder), which)
+    step = train_step_fn(model, dtype, training_batch(model.config.vocab_size, args.shape["batch"], args.shape["seq"]))
+    for _ in range(args.warmup):
+        step()
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return dict(seconds=times)
+
+
+def run_child(kind: str, folder: Path, which: str, dtype: str, args: argparse.Namespace, **kw) -> dict:
+    """`hf-gpt bench --<kind>-child` in a fresh process; its last stdout line is the JSON result."""
+    cmd = [sys.executable, "-m", "benchmarks.bench", f"--{kind}-child", str(folder), which, dtype]
+    cmd += ["--threads", str(args.threads), "--batch", str(args.shape["batch"]), "--seq", str(args.shape["seq"])]
+    cmd += [f"--{name}={value}" for name, value in kw.items()]
+    cmd += ["--quick"] if args.quick else []
+    env = dict(os.environ, **(MEMORY_ENV if kind == "memory" else {}))
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def measure_training(folder: Path, args: argparse.Namespace) -> list[dict]:
+    """Each model trains alone in its own process, in the order A B B A (half the repeats each time), so both
+    meet the same drift. (Interleaving the two models' steps in one process slowed transformers' step by
+    1.3x on the project's VM, which pays for every page a process gets back after the other model's step.)"""
     B, T = args.shape["batch"], args.shape["seq"]
-    batch = training_batch(ref.config.vocab_size, B, T)
+    first = (args.repeats + 1) // 2
+    rounds = [(MODELS, first), (MODELS[::-1], args.repeats - first)]
     rows = []
     for dtype in ("fp32", "bf16"):
-        # Each model trains its own copy, so both start every row from the same weights.
-        models = {"transformers": copy.deepcopy(ref), "hf_gpt": copy.deepcopy(ours)}
-        fns = {name: train_step_fn(m, dtype, batch) for name, m in models.items()}
-        times = alternate(fns, args.repeats, args.warmup)
+        times: dict[str, list[float]] = {name: [] for name in MODELS}
+        for order, repeats in rounds:
+            for which in order if repeats else ():
+                result = run_child("train", folder, which, dtype, args, repeats=repeats, warmup=args.warmup)
+                times[which] += result["seconds"]
         rows.append(row(f"train {dtype}", "tok/s", B * T, times, shape=f"{B}x{T}"))
         print(f"# {rows[-1]['name']}: {rows[-1]['seconds']}", flush=True)
-        del models, fns
     return rows
 
 
@@ -423,6 +445,9 @@ def main(argv: list[str] | None = None) -> int:
         result = memory_child(folder, which, dtype, args.threads, args.shape["batch"], args.shape["seq"])
         print(json.dumps(result))
         return 0
+    if args.train_child:
+        print(json.dumps(train_child(*args.train_child, args)))
+        return 0
     groups = set(args.rows.split(","))
     command = "hf-gpt bench " + " ".join(sys.argv[1:] if argv is None else argv)
     info = machine()
@@ -435,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# same weights and fp32 logits at the start: {parity}", flush=True)
         rows: list[dict] = []
         if "train" in groups:
-            rows += measure_training(ref, ours, args)
+            rows += measure_training(folder, args)
         if "memory" in groups:
             rows += measure_memory(folder, args)
         if "prefill" in groups:
