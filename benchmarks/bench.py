@@ -301,7 +301,7 @@ def measure_training(folder: Path, args: argparse.Namespace) -> list[dict]:
 
 # Where the time of a training step goes: torch.profiler self CPU time, grouped by kind of op.
 OP_GROUPS = {
-    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
+    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise"),
     "copies and dtype casts": ("aten::copy_", "aten::cat", "aten::contiguous"),
     "dropout RNG": ("aten::bernoulli_", "aten::uniform_"),
     "softmax / log-softmax (attention, loss)": ("softmax", "log_softmax", "logsumexp"),
