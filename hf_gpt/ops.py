@@ -58,7 +58,7 @@ def _x86_vendor() -> str:
 # On AMD CPUs oneDNN's fp32 matmul beats the BLAS that `F.linear` calls (MKL, not tuned for them) at the shapes of
 # a GPT-2 training step (measured on the project's AMD EPYC): 15-20% on the block projections and their input
 # gradients, 1.45x on the LM head's 50257 columns. It rounds differently from MKL (logits about 1e-6 apart), so
-# it is used only where autograd records, i.e. for training: inference keeps transformers' BLAS and its bits.
+# it is used only for training (train mode, autograd recording): inference keeps the BLAS transformers uses.
 # On Intel CPUs MKL is the tuned path and stays; elsewhere `F.linear` as usual.
 _ONEDNN_FP32 = torch.backends.mkldnn.is_available() and _x86_vendor() == "AuthenticAMD"
 
@@ -132,13 +132,17 @@ def _one_row_on_all_threads(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     return y.view(*x.shape[:-1], out_features)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)`, faster in two fp32 CPU cases: training products through oneDNN on AMD CPUs
-    (see `_ONEDNN_FP32`), and a single row (decoding at batch 1) on all threads (`_one_row_on_all_threads`)."""
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, training: bool = False
+) -> torch.Tensor:
+    """`F.linear(x, weight, bias)`, faster in two fp32 CPU cases: products of a module in training mode that
+    autograd records, through oneDNN on AMD CPUs (see `_ONEDNN_FP32`); and a single row (decoding at batch 1)
+    on all threads (`_one_row_on_all_threads`). Everything else, eval-mode forwards with gradients included,
+    is `F.linear` and matches transformers' GPT-2 as before."""
     if not _plain_fp32_cpu(x, weight):  # (first: compiled graphs must not see the checks below)
         return F.linear(x, weight, bias)
     recorded = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    if recorded and onednn_fp32(x, weight):
+    if training and recorded and onednn_fp32(x, weight):
         return _OneDNNLinear.apply(x, weight, bias)
     parts = torch.get_num_threads()
     if not recorded and parts > 1 and x.shape[:-1].numel() == 1:
@@ -151,7 +155,7 @@ class Linear(nn.Linear):
     whose product is `linear`'s."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.training)
 
 
 class Dropout(nn.Dropout):

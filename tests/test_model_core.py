@@ -598,8 +598,9 @@ def test_linear_equals_f_linear_with_gradients():
     x = torch.randn(3, 5, 48, requires_grad=True)
     w = torch.randn(41, 48, requires_grad=True)
     b = torch.randn(41, requires_grad=True)
-    out = ops.linear(x, w, b)
+    out = ops.linear(x, w, b, training=True)
     assert ("OneDNN" in type(out.grad_fn).__name__) == ops._ONEDNN_FP32  # the path this machine takes
+    assert torch.equal(ops.linear(x, w, b), F.linear(x, w, b))  # eval mode, even with gradients: the BLAS
     ref = F.linear(x, w, b)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     g = torch.randn_like(ref)
@@ -608,7 +609,7 @@ def test_linear_equals_f_linear_with_gradients():
     for a, e in zip(got, want, strict=True):
         torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-5)
     # gradient of a gradient (create_graph): backward must use differentiable ops then
-    (gx,) = torch.autograd.grad(ops.linear(x, w, b).pow(2).sum(), x, create_graph=True)
+    (gx,) = torch.autograd.grad(ops.linear(x, w, b, training=True).pow(2).sum(), x, create_graph=True)
     (gx_ref,) = torch.autograd.grad(F.linear(x, w, b).pow(2).sum(), x, create_graph=True)
     torch.testing.assert_close(torch.autograd.grad(gx.sum(), w)[0], torch.autograd.grad(gx_ref.sum(), w)[0])
     with torch.no_grad():
@@ -625,6 +626,17 @@ def test_linear_equals_f_linear_with_gradients():
     layer = ops.Linear(48, 41)
     assert isinstance(layer, torch.nn.Linear)
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+
+
+def test_eval_forward_with_gradients_gives_the_inference_logits():
+    """Only training products take oneDNN's fp32 kernels (on AMD CPUs): an eval-mode forward that autograd
+    records (saliency, a hand-written loss) gives the same bits as under no_grad, and so transformers' parity."""
+    model = tiny_model()
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        plain = model(ids).logits
+    recorded = model(ids).logits
+    assert recorded.requires_grad and torch.equal(recorded, plain)
 
 
 def test_dropout_drops_a_fraction_p_and_scales_the_rest():
