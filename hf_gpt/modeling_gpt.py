@@ -2,7 +2,8 @@
 
 Reads top to bottom: attention masks, attention, MLP, block, GPTPreTrainedModel, GPTModel, GPTForCausalLM,
 then the task heads. The speed and memory helpers (the training loss without logits, recomputation in
-backward, one-row CPU matmuls) are in `ops.py`.
+backward, one-row CPU matmuls, and `Linear` / `Dropout`: `nn.Linear` / `nn.Dropout` with faster CPU kernels)
+are in `ops.py`.
 Parameter names follow OpenAI's GPT-2 (`wte`, `wpe`, `h.N.attn.c_attn`, `ln_f`, ...), stored as
 `nn.Linear` (out, in); GPT-2's `Conv1D` checkpoints are (in, out), so loading them is a key copy plus a
 transpose (see `conversion.py`).

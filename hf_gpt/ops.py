@@ -79,9 +79,14 @@ def _plain_fp32_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+def _onednn_fp32_on() -> bool:
+    """Whether fp32 training products go through oneDNN on this machine now (see `_ONEDNN_FP32`)."""
+    return _ONEDNN_FP32 and torch.backends.mkldnn.enabled
+
+
 def onednn_fp32(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether a training product `x @ weight.T` goes through oneDNN (see `_ONEDNN_FP32`)."""
-    return _ONEDNN_FP32 and torch.backends.mkldnn.enabled and _plain_fp32_cpu(x, weight)
+    """Whether a training product `x @ weight.T` goes through oneDNN."""
+    return _onednn_fp32_on() and _plain_fp32_cpu(x, weight)
 
 
 def _onednn_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -142,7 +147,7 @@ def linear(
     if not _plain_fp32_cpu(x, weight):  # (first: compiled graphs must not see the checks below)
         return F.linear(x, weight, bias)
     recorded = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    if training and recorded and onednn_fp32(x, weight):
+    if training and recorded and _onednn_fp32_on():  # (`_plain_fp32_cpu` held above)
         return _OneDNNLinear.apply(x, weight, bias)
     parts = torch.get_num_threads()
     if not recorded and parts > 1 and x.shape[:-1].numel() == 1:
@@ -224,15 +229,16 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad_w = None
             chunk = max(1, LOSS_CHUNK_ELEMENTS // V)  # rows of fp32 logits at a time
             block = chunk * max(1, GRAD_BLOCK_ELEMENTS // (chunk * V))  # rows of logit gradients at a time
+            onednn = onednn_fp32(x, w)
+            # fp32 log-softmax, written straight into the gradient's rows where those are fp32 too
+            fp32_rows = (needs_grad_h or needs_grad_w) and compute_dtype == torch.float32
             for b in range(0, N, block):
                 grad_logits = None  # (n, V): d loss_sum / d logits of this block's rows
                 if needs_grad_h or needs_grad_w:
                     grad_logits = torch.empty(min(block, N - b), V, dtype=compute_dtype, device=x.device)
                 for c in range(b, min(b + block, N), chunk):
                     rows = x[c : c + chunk]
-                    logits = _onednn_matmul(rows, w) if onednn_fp32(rows, w) else rows @ w.T
-                    # fp32 log-softmax, written straight into the gradient's rows where those are fp32 too
-                    fp32_rows = grad_logits is not None and grad_logits.dtype == torch.float32
+                    logits = _onednn_matmul(rows, w) if onednn else rows @ w.T
                     into = grad_logits[c - b : c - b + chunk] if fp32_rows else None
                     logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32, out=into)  # (n, V)
                     tc = targets[c : c + chunk]
