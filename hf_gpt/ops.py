@@ -197,12 +197,23 @@ def recompute_in_backward(out: torch.Tensor, recompute: Callable[[], torch.Tenso
         yield
 
 
-# `LinearCrossEntropy` makes fp32 logits LOSS_CHUNK_ELEMENTS at a time (16 MiB: under glibc's 32 MiB ceiling for
-# mmap-ed blocks, so each chunk reuses the freed memory of the one before instead of faulting in fresh pages,
-# 4% of an fp32 GPT-2 step on the project's VM), and keeps their gradient for up to GRAD_BLOCK_ELEMENTS logits
-# (256 MiB in bf16) before turning it into the gradients of h and weight.
+# `LinearCrossEntropy` makes fp32 logits LOSS_CHUNK_ELEMENTS at a time on CPU (16 MiB: under glibc's 32 MiB
+# ceiling for mmap-ed blocks, so each chunk reuses the freed memory of the one before instead of faulting in fresh
+# pages, 4% of an fp32 GPT-2 step on the project's VM) and GPU_LOSS_CHUNK_ELEMENTS at a time elsewhere (512 MiB:
+# a GPU runs a handful of large kernels far faster than hundreds of small ones; 83-row chunks of GPT-2's
+# vocabulary made the loss a few thousand kernel launches per step). It keeps their gradient for up to
+# GRAD_BLOCK_ELEMENTS logits (256 MiB in bf16) before turning it into the gradients of h and weight.
 LOSS_CHUNK_ELEMENTS = 2**22
+GPU_LOSS_CHUNK_ELEMENTS = 2**27
 GRAD_BLOCK_ELEMENTS = 2**27
+
+
+def _vocab_multiple(device: torch.device) -> int:
+    """The loss pads the vocabulary to a multiple of this, with zero rows of the weight. On a GPU, matmuls whose
+    rows are not a multiple of 16 bytes apart miss the fast kernels: with GPT-2's 50257 tokens (odd), the loss's
+    three vocabulary-sized matmuls ran 31 ms of a 16 x 1024 bf16 step on an H200 in old (sm75) kernels, 6x their
+    share of the step's FLOPs. On CPU the padded copy of an fp32 weight would cost more than it saves."""
+    return 1 if device.type == "cpu" else 64
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -224,21 +235,29 @@ class LinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(h.device.type, enabled=False):
             x, w = h.to(compute_dtype), weight.to(compute_dtype)
             N, V = x.shape[0], w.shape[0]
+            # (Vp, C): zero rows, whose logits are cut off again. Not in compiled graphs, where the padded rows'
+            # gradient write below cannot be traced (a non-contiguous `out=`): the loss then ran outside the graph
+            # and a compiled GPT-2 step fell from 384k to 345k tokens/s (16 x 1024, H200).
+            if V % _vocab_multiple(x.device) and not torch.compiler.is_compiling():
+                w = F.pad(w, (0, 0, 0, -V % _vocab_multiple(x.device)))
+            Vp = w.shape[0]
             total = torch.zeros((), dtype=torch.float32, device=x.device)
             grad_h = torch.empty_like(x) if needs_grad_h else None
             grad_w = None
-            chunk = max(1, LOSS_CHUNK_ELEMENTS // V)  # rows of fp32 logits at a time
-            block = chunk * max(1, GRAD_BLOCK_ELEMENTS // (chunk * V))  # rows of logit gradients at a time
+            per_chunk = LOSS_CHUNK_ELEMENTS if x.device.type == "cpu" else GPU_LOSS_CHUNK_ELEMENTS
+            chunk = max(1, per_chunk // Vp)  # rows of fp32 logits at a time
+            block = chunk * max(1, GRAD_BLOCK_ELEMENTS // (chunk * Vp))  # rows of logit gradients at a time
             onednn = onednn_fp32(x, w)
-            # fp32 log-softmax, written straight into the gradient's rows where those are fp32 too
-            fp32_rows = (needs_grad_h or needs_grad_w) and compute_dtype == torch.float32
+            # fp32 log-softmax, written straight into the gradient's rows where those are fp32 (and unpadded) too
+            fp32_rows = (needs_grad_h or needs_grad_w) and compute_dtype == torch.float32 and Vp == V
             for b in range(0, N, block):
-                grad_logits = None  # (n, V): d loss_sum / d logits of this block's rows
+                grad_logits = None  # (n, Vp): d loss_sum / d logits of this block's rows, 0 in the padding
                 if needs_grad_h or needs_grad_w:
-                    grad_logits = torch.empty(min(block, N - b), V, dtype=compute_dtype, device=x.device)
+                    grad_logits = torch.empty(min(block, N - b), Vp, dtype=compute_dtype, device=x.device)
+                    grad_logits[:, V:] = 0  # (not whatever the memory held: NaN times a zero row is NaN)
                 for c in range(b, min(b + block, N), chunk):
                     rows = x[c : c + chunk]
-                    logits = _onednn_matmul(rows, w) if onednn else rows @ w.T
+                    logits = (_onednn_matmul(rows, w) if onednn else rows @ w.T)[:, :V]
                     into = grad_logits[c - b : c - b + chunk] if fp32_rows else None
                     logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32, out=into)  # (n, V)
                     tc = targets[c : c + chunk]
@@ -248,14 +267,18 @@ class LinearCrossEntropy(torch.autograd.Function):
                     if grad_logits is not None:
                         grad = logp.exp_()  # d(-log p_target)/d(logits) = softmax - one-hot
                         grad[torch.arange(len(tc), device=x.device), tc] -= 1.0
-                        grad.masked_fill_(ignored[:, None], 0.0)  # (boolean indexing would sync a GPU)
-                        if not fp32_rows:
-                            grad_logits[c - b : c - b + chunk] = grad
+                        # Rows without a target get no gradient (a mask, not boolean indexing, which syncs a GPU).
+                        if fp32_rows:
+                            grad.masked_fill_(ignored[:, None], 0.0)
+                        else:  # zeroed in the same pass that casts them into the block's gradient
+                            keep = (~ignored).to(grad.dtype)[:, None]
+                            torch.mul(grad, keep, out=grad_logits[c - b : c - b + chunk, :V])
                 if needs_grad_h:
                     torch.mm(grad_logits, w, out=grad_h[b : b + block])  # (n, C)
                 if needs_grad_w:
-                    part = grad_logits.T @ x[b : b + block]  # (V, C)
+                    part = grad_logits.T @ x[b : b + block]  # (Vp, C)
                     grad_w = part if grad_w is None else grad_w.float() + part  # summed in fp32 over blocks
+            grad_w = grad_w[:V] if grad_w is not None else None
         ctx.save_for_backward(grad_h, grad_w, denominator)
         ctx.dtypes = h.dtype, weight.dtype
         return total / denominator
