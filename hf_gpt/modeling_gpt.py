@@ -54,7 +54,7 @@ def check_token_ids(ids: torch.Tensor, limit: int, name: str) -> None:
         raise TypeError(f"{name} must be an integer tensor (torch.long), got {ids.dtype}.")
     if torch.compiler.is_compiling() or ids.numel() == 0:
         return
-    lo, hi = int(ids.min()), int(ids.max())
+    lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one read back from a GPU, not two
     if lo < 0 or hi >= limit:
         bad = lo if lo < 0 else hi
         raise ValueError(f"{name} holds {bad}, outside [0, {limit - 1}]: check the tokenizer matches the model.")
@@ -79,7 +79,7 @@ def cache_argument(cache: Cache | None, past_key_values: Cache | None) -> Cache 
     same warning as transformers' own models give)."""
     if past_key_values is None:
         return cache
-    if _CACHE_FIELD == "cache":
+    if _CACHE_FIELD == "cache" and not torch.compiler.is_compiling():  # (a compiled graph cannot warn)
         warnings.warn("`past_key_values` is deprecated; pass `cache` instead.", FutureWarning, stacklevel=3)
     return cache if cache is not None else past_key_values
 
