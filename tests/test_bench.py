@@ -61,9 +61,16 @@ def test_gpu_bench_dry_run_on_cpu(tmp_path):
     assert result["errors"] == {}, result["errors"]
     assert result["parity"]["identical"] and result["parity"]["greedy_equal"]
     names = [r["name"] for r in result["rows"]]
-    assert names[0].startswith("train bf16 eager") and names[3].startswith("train bf16 compiled")
-    assert names[1].startswith("decode bf16 batch 1, static cache")
-    assert names[2].startswith("decode bf16 batch 1, dynamic cache")
+    assert names[0] == "train bf16 eager (2x64)" and names[1] == "train bf16 compiled model (2x64)"
+    assert names[2].startswith("decode bf16 batch 1, static cache")
+    assert names[3].startswith("decode bf16 batch 1, dynamic cache")
+    assert names[4] == "train bf16 compiled model (4x64)"
+    assert names[5] == "train bf16 compiled model, no dropout (4x64)"
+    for model in ("transformers", "hf_gpt"):  # the profiled step's top ops
+        assert "aten::" in result["rows"][1][model]["profile"]["table"]
+        breakdown = result["decode_breakdown"][model]
+        assert len(breakdown["compiled_forward_loop_ms_per_token"]) == 3
+        assert "function calls" in breakdown["generate_cprofile"]
     for r in result["rows"]:
         assert r["ratio"] > 0
         key = "tok_s" if r["name"].startswith("train") else "ms_per_token"
