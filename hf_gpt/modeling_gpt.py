@@ -97,7 +97,9 @@ class AttentionMasks:
     Query i (0-based within this call) sits at cache slot `past + i`; key j at slot j. A key is visible
     when it is not in the future, is not padding, lies in the same packed document, is allowed by the
     caller's own 4-D mask if one was given, and, for "local" layers, lies within the window. Returns None
-    where SDPA's own `is_causal` path gives the same result (no padding, no packing, no past, global).
+    where causality is the only rule and needs no mask (no padding, packing or caller's mask; every key within
+    the window): with no past, SDPA's own `is_causal` path; for one new token on a cache holding exactly the
+    tokens seen so far (dynamic-cache decoding), every key is visible.
     """
 
     def __init__(
@@ -132,9 +134,10 @@ class AttentionMasks:
 
     def _build(self, kind: str, k_len: int, device: torch.device) -> torch.Tensor | None:
         T = self.q_len
-        no_past = isinstance(self.past, int) and self.past == 0
-        plain = self.key_padding is None and self.documents is None and self.custom is None and no_past and k_len == T
-        if plain and (kind == "global" or self.window >= T):
+        plain = self.key_padding is None and self.documents is None and self.custom is None
+        # (a static cache's `past` is a tensor, and its keys run on past the tokens seen: it always gets a mask)
+        exact = isinstance(self.past, int) and k_len == self.past + T and (self.past == 0 or T == 1)
+        if plain and exact and (kind == "global" or self.window >= k_len):
             return None
         q_slot = self.slots(device)[:, None]  # (T, 1)
         k_slot = torch.arange(k_len, device=device)[None, :]  # (1, Tk)
@@ -209,10 +212,11 @@ class GPTAttention(nn.Module):
             # the 1/sqrt(hs) scale goes on q, the mask is added in place (nothing for backward to undo), and the
             # dropout's 1/(1-p) goes on the (B, nh, T, hs) output.
             scores = (q * (1 / math.sqrt(self.head_dim))) @ k.transpose(-2, -1)  # (B, nh, T, Tk)
-            if mask is None:
+            if mask is None and T > 1:  # plain causal (no past here); a single new token without a mask sees all
                 mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril()
-            min_value = torch.finfo(scores.dtype).min
-            scores += torch.zeros(mask.shape, dtype=scores.dtype, device=x.device).masked_fill_(~mask, min_value)
+            if mask is not None:
+                min_value = torch.finfo(scores.dtype).min
+                scores += torch.zeros(mask.shape, dtype=scores.dtype, device=x.device).masked_fill_(~mask, min_value)
             # Softmax in the scores' dtype: low-precision kernels accumulate in fp32 and round once.
             weights = probs = F.softmax(scores, dim=-1)
             if dropout > 0:
@@ -227,7 +231,9 @@ class GPTAttention(nn.Module):
             else:
                 y = weights @ v  # (B, nh, T, hs)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
+            # No mask: causal over this call's tokens, or a single new token that sees every key
+            causal = mask is None and bool(T > 1)  # (bool: torch.jit.trace hands out sizes as tensors)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y)), weights
 
