@@ -616,6 +616,37 @@ def test_compiled_training_step_is_one_graph_with_the_eager_gradients(monkeypatc
         torch.testing.assert_close(a, b, atol=2e-2 * b.abs().max(), rtol=2e-2)
 
 
+def test_trainer_with_torch_compile_gives_the_eager_losses(tmp_path):
+    """`Trainer(torch_compile=True)` trains the compiled model (backend "eager" here: it only traces) to the same
+    per-step losses as the plain one."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    def losses(compiled: bool) -> list[float]:
+        model = tiny_model(seed=8, vocab_size=100, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        ids = torch.randint(0, 100, (16, 16), generator=torch.Generator().manual_seed(9)).tolist()
+        args = TrainingArguments(
+            output_dir=str(tmp_path / str(compiled)),
+            per_device_train_batch_size=4,
+            max_steps=4,
+            logging_steps=1,
+            report_to=[],
+            save_strategy="no",
+            use_cpu=True,
+            torch_compile=compiled,
+            torch_compile_backend="eager" if compiled else None,
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids}))
+        trainer.train()
+        if compiled:
+            assert isinstance(trainer.model_wrapped, torch._dynamo.eval_frame.OptimizedModule)  # it did compile
+        return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+    torch._dynamo.reset()
+    eager, compiled = losses(False), losses(True)
+    assert len(eager) == 4 and compiled == pytest.approx(eager, rel=1e-5)
+
+
 # ---------------------------------------------------------------- speed paths against the plain computation
 
 
