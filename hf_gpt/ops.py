@@ -137,12 +137,20 @@ def _one_row_on_all_threads(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     return y.view(*x.shape[:-1], out_features)
 
 
+# The one-row split pays a fixed cost (waking the other threads: about 15 us here with OpenMP's default wait
+# policy, about 90 us with OMP_WAIT_POLICY=PASSIVE), repaid only by weights that take long to stream. Streamed from
+# memory, 768 x 768 (2.2 MiB fp32) is about even under PASSIVE and 40% faster by default, 2304 x 768 30% / 45%
+# faster. Smaller weights (models of width 256 and under) keep F.linear: with the split for every size, a 12-layer
+# width-32 model decoded at half transformers' speed under PASSIVE.
+ONE_ROW_SPLIT_MIN_ELEMENTS = 2**19
+
+
 def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, training: bool = False
 ) -> torch.Tensor:
     """`F.linear(x, weight, bias)`, faster in two fp32 CPU cases: products of a module in training mode that
     autograd records, through oneDNN on AMD CPUs (see `_ONEDNN_FP32`); and a single row (decoding at batch 1)
-    on all threads (`_one_row_on_all_threads`). Everything else, eval-mode forwards with gradients included,
+    times a large weight on all threads (`_one_row_on_all_threads`). Everything else, eval-mode forwards with gradients included,
     is `F.linear` and matches transformers' GPT-2 as before."""
     if not _plain_fp32_cpu(x, weight):  # (first: compiled graphs must not see the checks below)
         return F.linear(x, weight, bias)
@@ -150,7 +158,7 @@ def linear(
     if training and recorded and _onednn_fp32_on():  # (`_plain_fp32_cpu` held above)
         return _OneDNNLinear.apply(x, weight, bias)
     parts = torch.get_num_threads()
-    if not recorded and parts > 1 and x.shape[:-1].numel() == 1:
+    if not recorded and parts > 1 and x.shape[:-1].numel() == 1 and weight.numel() >= ONE_ROW_SPLIT_MIN_ELEMENTS:
         return _one_row_on_all_threads(x, weight, bias, parts)
     return F.linear(x, weight, bias)
 

@@ -691,6 +691,31 @@ def test_linear_equals_f_linear_with_gradients():
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
 
 
+def test_one_row_products_split_over_threads_only_for_large_weights(monkeypatch):
+    """A single row's fp32 product is split over the threads only for weights of at least
+    ONE_ROW_SPLIT_MIN_ELEMENTS (for smaller ones the split's fixed cost exceeds its gain); both equal F.linear."""
+    import torch.nn.functional as F
+
+    from hf_gpt import ops
+
+    split_weights = []
+    real = ops._one_row_on_all_threads
+    monkeypatch.setattr(
+        ops, "_one_row_on_all_threads", lambda x, w, b, n: split_weights.append(w.shape) or real(x, w, b, n)
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        row = torch.randn(1, 1, 512)
+        small, large = torch.randn(64, 512), torch.randn(ops.ONE_ROW_SPLIT_MIN_ELEMENTS // 512 + 3, 512)
+        with torch.no_grad():
+            for w in (small, large):
+                torch.testing.assert_close(ops.linear(row, w), F.linear(row, w), atol=1e-4, rtol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+    assert split_weights == [large.shape]
+
+
 def test_eval_forward_with_gradients_gives_the_inference_logits():
     """Only training products take oneDNN's fp32 kernels (on AMD CPUs): an eval-mode forward that autograd
     records (saliency, a hand-written loss) gives the same bits as under no_grad, and so transformers' parity."""
