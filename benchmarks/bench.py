@@ -194,14 +194,25 @@ def train_step_fn(model: torch.nn.Module, dtype: str, batch: dict, keep_grads: b
     return step
 
 
-def training_batch(vocab: int, batch: int, seq: int) -> dict:
+def training_batch(vocab: int, batch: int, seq: int, device: str = "cpu", attention_mask: bool = True) -> dict:
+    """Seeded rows with labels = inputs and the token count Trainer passes as `num_items_in_batch`; with
+    `attention_mask`, an all-ones mask as a padding collator gives (without: packed pretraining rows)."""
     torch.manual_seed(2)
-    ids = torch.randint(0, vocab, (batch, seq))
+    ids = torch.randint(0, vocab, (batch, seq), device=device)
+    rows = dict(input_ids=ids, labels=ids, num_items_in_batch=torch.tensor(batch * (seq - 1), device=device))
+    if attention_mask:
+        rows["attention_mask"] = torch.ones_like(ids)
+    return rows
+
+
+def greedy_kwargs(ids: torch.Tensor, new_tokens: int, pad_token_id: int) -> dict:
+    """`generate()` arguments for greedy decoding of exactly `new_tokens` tokens after unpadded prompts `ids`."""
     return dict(
-        input_ids=ids,
         attention_mask=torch.ones_like(ids),
-        labels=ids,
-        num_items_in_batch=torch.tensor(batch * (seq - 1)),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=pad_token_id,
     )
 
 
@@ -366,13 +377,7 @@ def measure_decode(ref, ours, args) -> list[dict]:
         for B in args.shape["decode_batches"]:
             torch.manual_seed(4)
             ids = torch.randint(0, ref.config.vocab_size, (B, P))
-            kw = dict(
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=N,
-                min_new_tokens=N,
-                do_sample=False,
-                pad_token_id=ref.config.eos_token_id,
-            )
+            kw = greedy_kwargs(ids, N, ref.config.eos_token_id)
             outputs = {}
 
             def generate(name, m, ids=ids, kw=kw, outputs=outputs):

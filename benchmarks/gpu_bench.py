@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench import build_reference, check_same_model, load
+from benchmarks.bench import build_reference, check_same_model, greedy_kwargs, load, training_batch
 
 PEAK_BF16_TFLOPS = 989.4  # H100 / H200 SXM, dense bf16, datasheet
 
@@ -81,16 +81,10 @@ def matmul_tflops(device: str, size: int) -> float:
     return 2 * size**3 * 10 / (time.perf_counter() - start) / 1e12
 
 
-def training_batch(vocab: int, batch: int, seq: int, device: str) -> dict:
-    """Packed pretraining rows (no padding, so no attention mask), labels = inputs, and the token count Trainer
-    passes as `num_items_in_batch`."""
-    torch.manual_seed(2)
-    ids = torch.randint(0, vocab, (batch, seq), device=device)
-    return dict(input_ids=ids, labels=ids, num_items_in_batch=torch.tensor(batch * (seq - 1), device=device))
-
-
 def train_step_fn(model, opt, batch: dict, device: str):
-    """One step the way Trainer(bf16=True) runs it: bf16 autocast over fp32 weights, clipping, fused AdamW."""
+    """One step as Trainer(bf16=True) runs it: bf16 autocast over fp32 weights, clipping, fused AdamW (without
+    the cast of the outputs to fp32 that `bench.train_step_fn` adds as Accelerate does: on a GPU it would add a
+    full fp32 copy of transformers' logits to its step)."""
 
     def step():
         with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
@@ -113,7 +107,7 @@ def train_rows(
 
     device, T = args.device, args.seq
     B = batch_size or args.batch_size
-    batch = training_batch(ref.config.vocab_size, B, T, device)
+    batch = training_batch(ref.config.vocab_size, B, T, device, attention_mask=False)  # packed rows, no padding
     results = {}
     for name, base in (("transformers", ref), ("hf_gpt", ours)):
         model = copy.deepcopy(base).train()
@@ -184,8 +178,7 @@ def kernel_ms(events) -> float:
 
 
 def decode_kwargs(ids: torch.Tensor, new_tokens: int, eos: int, cache: str) -> dict:
-    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=eos)
-    kw["attention_mask"] = torch.ones_like(ids)
+    kw = greedy_kwargs(ids, new_tokens, eos)
     if cache == "static":
         kw["cache_implementation"] = "static"
     return kw

@@ -150,8 +150,8 @@ def linear(
 ) -> torch.Tensor:
     """`F.linear(x, weight, bias)`, faster in two fp32 CPU cases: products of a module in training mode that
     autograd records, through oneDNN on AMD CPUs (see `_ONEDNN_FP32`); and a single row (decoding at batch 1)
-    times a large weight on all threads (`_one_row_on_all_threads`). Everything else, eval-mode forwards with gradients included,
-    is `F.linear` and matches transformers' GPT-2 as before."""
+    times a large weight on all threads (`_one_row_on_all_threads`). Everything else, eval-mode forwards with
+    gradients included, is `F.linear` and matches transformers' GPT-2 as before."""
     if not _plain_fp32_cpu(x, weight):  # (first: compiled graphs must not see the checks below)
         return F.linear(x, weight, bias)
     recorded = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
@@ -246,8 +246,9 @@ class LinearCrossEntropy(torch.autograd.Function):
             # (Vp, C): zero rows, whose logits are cut off again. Not in compiled graphs, where the padded rows'
             # gradient write below cannot be traced (a non-contiguous `out=`): the loss then ran outside the graph
             # and a compiled GPT-2 step fell from 384k to 345k tokens/s (16 x 1024, H200).
-            if V % _vocab_multiple(x.device) and not torch.compiler.is_compiling():
-                w = F.pad(w, (0, 0, 0, -V % _vocab_multiple(x.device)))
+            pad = -V % _vocab_multiple(x.device)
+            if pad and not torch.compiler.is_compiling():
+                w = F.pad(w, (0, 0, 0, pad))
             Vp = w.shape[0]
             total = torch.zeros((), dtype=torch.float32, device=x.device)
             grad_h = torch.empty_like(x) if needs_grad_h else None
