@@ -67,10 +67,10 @@ def _plain_fp32_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """fp32 CPU product of plain tensors outside autocast, tracing and torch.func transforms (quantised or
     distributed weights and compiled graphs keep `F.linear`)."""
     return (
-        not torch.compiler.is_compiling()
+        x.dtype == weight.dtype == torch.float32  # (first: the cheapest test, and false for every bf16 product)
+        and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
         and x.device.type == "cpu"
-        and x.dtype == weight.dtype == torch.float32
         and type(weight) in (torch.Tensor, nn.Parameter)
         and type(x) in (torch.Tensor, nn.Parameter)
         and x.numel() > 0
@@ -177,7 +177,9 @@ class Dropout(nn.Dropout):
     there, most of it `bernoulli_`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cpu_training = self.training and x.device.type == "cpu" and not torch.compiler.is_compiling()
+        if not self.training:
+            return x  # what F.dropout returns in eval mode, without its call (25 per decoding step of GPT-2 small)
+        cpu_training = x.device.type == "cpu" and not torch.compiler.is_compiling()
         if not cpu_training or self.inplace or not 0.0 < self.p < 1.0:
             return super().forward(x)
         keep = torch.rand(x.shape, device=x.device).ge_(self.p).to(x.dtype).mul_(1 / (1 - self.p))
