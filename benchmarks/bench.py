@@ -414,6 +414,8 @@ def machine() -> dict:
         transformers=transformers.__version__,
         python=platform.python_version(),
         git=rev,
+        # (the decoding rows move with it: PASSIVE threads sleep, and every parallel op then wakes them)
+        omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "default"),
         load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
     )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 
@@ -35,6 +36,11 @@ def test_quick_bench_starts_from_identical_models(quick_result):
     assert parity["max_abs_weight_diff"] == 0.0
     assert parity["max_abs_logit_diff"] < 1e-5
     assert parity["identical"]
+
+
+def test_quick_bench_records_the_openmp_wait_policy(quick_result):
+    # The decoding rows move with it (README "Speed"), so each result says which one it ran under.
+    assert quick_result["machine"]["omp_wait_policy"] == os.environ.get("OMP_WAIT_POLICY", "default")
 
 
 def test_quick_bench_reports_every_row_with_sane_numbers(quick_result):
