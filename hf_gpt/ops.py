@@ -13,6 +13,7 @@ Each is checked against the plain computation in tests/test_model_core.py.
 from __future__ import annotations
 
 import platform
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -20,13 +21,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+_ONE_ROW_LOCK = threading.Lock()
+_one_row_steps = 0  # one-row steps in flight, in any thread, while oneDNN is off for them
+
 
 @contextmanager
 def one_row_matmuls(tokens: torch.Tensor | None, dtype: torch.dtype) -> Iterator[None]:
     """On CPU, while a low-precision (bf16, fp16) forward holds a single token (decoding at batch 1), use
     PyTorch's own matmul kernels instead of oneDNN's: for one row, its bf16 matrix-vector kernel streams the
     weights about twice as fast (measured on the project's machine). For more rows, and in fp32 (see
-    `linear`), oneDNN is the faster one, so it stays."""
+    `linear`), oneDNN is the faster one, so it stays.
+
+    PyTorch chooses between the two by one process-wide flag (`torch.backends.mkldnn.enabled`), so oneDNN is off
+    for every thread while any thread runs such a step: the flag goes back on when the last of them ends (not
+    when the first does), and a flag the user turned off stays off."""
+    global _one_row_steps
     # (`is_compiling` first: a traced graph must not branch on the number of rows)
     one_row = (
         not torch.compiler.is_compiling()
@@ -35,14 +44,22 @@ def one_row_matmuls(tokens: torch.Tensor | None, dtype: torch.dtype) -> Iterator
         and tokens.device.type == "cpu"
         and tokens.shape[:2].numel() == 1
     )
-    if not one_row or not torch.backends.mkldnn.enabled:
+    if not one_row:
         yield
         return
-    torch.backends.mkldnn.enabled = False
+    with _ONE_ROW_LOCK:
+        ours = _one_row_steps > 0 or torch.backends.mkldnn.enabled  # else the user turned oneDNN off: leave it
+        if ours:
+            _one_row_steps += 1
+            torch.backends.mkldnn.enabled = False
     try:
         yield
     finally:
-        torch.backends.mkldnn.enabled = True
+        if ours:
+            with _ONE_ROW_LOCK:
+                _one_row_steps -= 1
+                if _one_row_steps == 0:
+                    torch.backends.mkldnn.enabled = True
 
 
 def _x86_vendor() -> str:

@@ -727,6 +727,57 @@ def test_eval_forward_with_gradients_gives_the_inference_logits():
     assert recorded.requires_grad and torch.equal(recorded, plain)
 
 
+def test_one_row_matmuls_turns_onednn_off_only_for_one_row_low_precision_cpu_steps():
+    from hf_gpt.ops import one_row_matmuls
+
+    one, two = torch.zeros(1, 1, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long)
+    assert torch.backends.mkldnn.enabled
+    with one_row_matmuls(one, torch.bfloat16):
+        assert not torch.backends.mkldnn.enabled
+    assert torch.backends.mkldnn.enabled
+    for tokens, dtype in ((two, torch.bfloat16), (one, torch.float32), (None, torch.bfloat16)):
+        with one_row_matmuls(tokens, dtype):
+            assert torch.backends.mkldnn.enabled
+    with torch.backends.mkldnn.flags(enabled=False):  # the user's own choice is left as it is
+        with one_row_matmuls(one, torch.bfloat16):
+            assert not torch.backends.mkldnn.enabled
+        assert not torch.backends.mkldnn.enabled
+    assert torch.backends.mkldnn.enabled
+
+
+def test_one_row_matmuls_keeps_onednn_off_until_the_last_overlapping_step_ends():
+    """Two decoding threads whose one-row steps overlap: the first to finish must not turn oneDNN back on under
+    the other (the flag is process-wide)."""
+    import threading
+
+    from hf_gpt.ops import one_row_matmuls
+
+    one = torch.zeros(1, 1, dtype=torch.long)
+    a_in, a_out, b_in = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def first():
+        with one_row_matmuls(one, torch.bfloat16):
+            a_in.set()
+            b_in.wait(10)
+        a_out.set()
+
+    def second():
+        a_in.wait(10)
+        with one_row_matmuls(one, torch.bfloat16):
+            b_in.set()
+            a_out.wait(10)
+            seen["after the first ended"] = torch.backends.mkldnn.enabled
+
+    threads = [threading.Thread(target=f) for f in (first, second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert seen == {"after the first ended": False}
+    assert torch.backends.mkldnn.enabled
+
+
 def test_dropout_drops_a_fraction_p_and_scales_the_rest():
     from hf_gpt import ops
 
