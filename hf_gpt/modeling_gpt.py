@@ -191,7 +191,8 @@ class GPTAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, C = x.shape
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim)  # (B, T, 3, nh, hs): q, k, v side by side
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
+        # (unbinding the q/k/v dim itself keeps backward's stack of the three gradients contiguous)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # each (B, nh, T, hs)
         if cache is not None:
             # The slot positions are passed for caches (static ones on older transformers) that need them.
             k, v = cache.update(k, v, self.layer_idx, {"cache_position": masks.slots(x.device)})  # (B, nh, Tk, hs)
