@@ -8,7 +8,10 @@ Architecture variants are flags, never separate classes:
   residual add).
 - `final_norm`: a LayerNorm after the last block (GPT-2/3 yes, GPT-1 no).
 - `attention_pattern` + `local_window`: per-layer dense ("global") or locally banded ("local") causal
-  attention, cycled over the layers (GPT-3: alternating, "similar to the Sparse Transformer").
+  attention, cycled over the layers (GPT-3: alternating, "similar to the Sparse Transformer"). The config also
+  answers transformers' names for the same thing, `layer_types` ("full_attention" / "sliding_attention", one per
+  layer) and `sliding_window`, which caches, `masking_utils` and serving engines read; either spelling may be
+  passed to `GPTConfig(...)`.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from transformers import PretrainedConfig
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu", "silu", "swish")
 NORM_POSITIONS = ("pre", "post")
 ATTENTION_KINDS = ("global", "local")
+# Our attention kinds under transformers' layer-type names (what DynamicCache, masking_utils and vLLM read).
+LAYER_TYPES = {"global": "full_attention", "local": "sliding_attention"}
 
 # Every Auto class the package registers, written into each saved config so a folder loads with
 # trust_remote_code=True through any of them where hf_gpt is not installed.
@@ -119,6 +124,8 @@ class GPTConfig(PretrainedConfig):
         final_norm: LayerNorm after the last block.
         attention_pattern: list of "global"/"local", cycled over the layers.
         local_window: how many most recent positions (itself included) a "local" layer attends to.
+        layer_types, sliding_window: transformers' names for the two above ("full_attention" /
+            "sliding_attention", one per layer; the window); given instead of them, they set them.
         bos_token_id, eos_token_id: default to the last id, as GPT-2's <|endoftext|> (50256).
         pad_token_id: the id the task heads treat as padding when no attention_mask is given (GPT-2 has none).
         aux_lm_weight: task heads add this times the language-model loss on their inputs (GPT-1 sec. 3.2,
@@ -136,6 +143,23 @@ class GPTConfig(PretrainedConfig):
         "intermediate_size": "n_inner",
     }
     keys_to_ignore_at_inference = ["cache", "past_key_values"]
+    # How transformers (`from_pretrained(..., tp_plan="auto")`) shards the blocks over devices. c_attn holds q, k and
+    # v stacked along its output ([q; k; v], each n_embd wide): "packed_colwise_qkv" (registered in modeling_gpt.py,
+    # transformers' packed_colwise for three blocks, not two) gives each device the same heads of all three.
+    base_model_tp_plan = {
+        "h.*.attn.c_attn": "packed_colwise_qkv",
+        "h.*.attn.c_proj": "rowwise",
+        "h.*.mlp.c_fc": "colwise",
+        "h.*.mlp.c_proj": "rowwise",
+    }
+    # Pipeline stages: the embeddings before the blocks, the final LayerNorm after (inputs and outputs of each).
+    base_model_pp_plan = {
+        "wte": (["input_ids"], ["inputs_embeds"]),
+        "wpe": (["position_ids"], ["position_embeds"]),
+        "drop": (["hidden_states"], ["hidden_states"]),
+        "h": (["hidden_states", "attention_mask"], ["hidden_states"]),
+        "ln_f": (["hidden_states"], ["hidden_states"]),
+    }
 
     def __init__(
         self,
@@ -162,8 +186,20 @@ class GPTConfig(PretrainedConfig):
         eos_token_id: int | None | str = "last",
         pad_token_id: int | None = None,
         tie_word_embeddings: bool = True,
+        layer_types: list[str] | None = None,
+        sliding_window: int | None = None,
         **kwargs: Any,
     ) -> None:
+        if layer_types is not None:  # transformers' spelling of attention_pattern (one entry per layer)
+            kinds = {name: kind for kind, name in LAYER_TYPES.items()}
+            unknown = sorted(set(layer_types) - set(kinds))
+            if unknown:
+                raise ValueError(f"GPTConfig.layer_types may hold only {sorted(kinds)}, got {unknown}.")
+            if len(layer_types) != n_layer:
+                raise ValueError(f"GPTConfig.layer_types has {len(layer_types)} entries; expected n_layer = {n_layer}.")
+            attention_pattern = [kinds[name] for name in layer_types]
+        if sliding_window is not None:  # transformers' spelling of local_window
+            local_window = sliding_window
         self.vocab_size = vocab_size
         self.n_positions = n_positions
         self.n_embd = n_embd
@@ -187,6 +223,7 @@ class GPTConfig(PretrainedConfig):
         bos_token_id = vocab_size - 1 if bos_token_id == "last" else bos_token_id
         eos_token_id = vocab_size - 1 if eos_token_id == "last" else eos_token_id
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
+        self.validate()  # before transformers' own checks (of layer_types, say), so that the errors name our fields
         super().__init__(
             bos_token_id=bos_token_id,
             eos_token_id=eos_token_id,
@@ -237,6 +274,30 @@ class GPTConfig(PretrainedConfig):
     def layer_attention(self, layer_idx: int) -> str:
         """ "global" or "local" for block `layer_idx` (the pattern repeats over the layers)."""
         return self.attention_pattern[layer_idx % len(self.attention_pattern)]
+
+    @property
+    def layer_types(self) -> list[str]:
+        """One entry per layer, "full_attention" or "sliding_attention": the pattern in transformers' names."""
+        # (an unknown kind passes through unchanged, for validate() to name)
+        return [LAYER_TYPES.get(self.layer_attention(i), self.layer_attention(i)) for i in range(self.n_layer)]
+
+    @layer_types.setter
+    def layer_types(self, value: list[str]) -> None:
+        self.attention_pattern = [{name: kind for kind, name in LAYER_TYPES.items()}.get(t, t) for t in value]
+
+    @property
+    def sliding_window(self) -> int | None:
+        """The local layers' window (each query sees itself and the `sliding_window - 1` keys before it, the
+        semantics of transformers' masks and caches), or None when every layer is dense."""
+        return self.local_window if "local" in self.attention_pattern else None
+
+    @sliding_window.setter
+    def sliding_window(self, value: int | None) -> None:
+        # (what transformers' tests do to a config: a window for the local layers, or None for none)
+        if value is None:
+            self.attention_pattern = ["global"]
+        else:
+            self.local_window = value
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> GPTConfig:

@@ -11,14 +11,23 @@ transpose (see `conversion.py`).
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
+from typing import Unpack
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import (
+    create_causal_mask,
+    create_sliding_window_causal_mask,
+    find_packed_sequence_indices,
+    packed_sequence_mask_function,
+)
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
@@ -28,15 +37,18 @@ from transformers.modeling_outputs import (
     SequenceClassifierOutputWithPast,
     TokenClassifierOutput,
 )
-from transformers.utils import logging
+from transformers.modeling_utils import AttentionInterface
+from transformers.utils import TransformersKwargs, logging
 
-from .configuration_gpt import GPTConfig
+from .configuration_gpt import LAYER_TYPES, GPTConfig
 from .ops import Dropout, Linear, causal_lm_loss, one_row_matmuls, recompute_in_backward
 
 logger = logging.get_logger(__name__)
 
 # transformers renamed the outputs' `past_key_values` field to `cache` in 5.24; follow whichever is installed.
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+# ... and masking_utils' argument for it.
+_MASK_CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 _ACTIVATIONS = {
     "gelu_new": lambda: nn.GELU(approximate="tanh"),  # GPT-2's (and GPT-1's released code's) tanh GELU
@@ -91,92 +103,106 @@ def as_returned(output, return_dict: bool | None, config: GPTConfig):
     return output if keep else output.to_tuple()
 
 
-class AttentionMasks:
-    """Builds, once per forward and per kind, the boolean masks (True = may attend) the blocks share.
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    output_attentions: bool = True,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention written out: softmax(q k^T * scaling + mask) v, q (B, nh, T, hs) against k, v (B, nh, Tk, hs).
 
-    Query i (0-based within this call) sits at cache slot `past + i`; key j at slot j. A key is visible
-    when it is not in the future, is not padding, lies in the same packed document, is allowed by the
-    caller's own 4-D mask if one was given, and, for "local" layers, lies within the window. Returns None
-    where causality is the only rule and needs no mask (no padding, packing or caller's mask; every key within
-    the window): with no past, SDPA's own `is_causal` path; for one new token on a cache holding exactly the
-    tokens seen so far (dynamic-cache decoding), every key is visible.
+    `attention_mask` is (B|1, 1, T, Tk), boolean (True = may attend) or additive floats, as `masking_utils` makes
+    them; None means causal over this call's tokens (a single query sees every key). Returns the output
+    (B, T, nh, hs) and the probabilities (B, nh, T, Tk) it was made from (after dropout, so they are on its gradient
+    path); with dropout and not `output_attentions`, None, as backward then rebuilds them rather than keep them.
     """
-
-    def __init__(
-        self,
-        key_padding: torch.Tensor | None,
-        past: int | torch.Tensor,
-        q_len: int,
-        window: int,
-        documents: torch.Tensor | None = None,
-        custom: torch.Tensor | None = None,
-    ) -> None:
-        self.key_padding = key_padding  # (B, past + T) or (B, static cache length) bool; None: nothing padded
-        self.documents = documents  # (B, T) index of the packed document of each token, or None
-        self.custom = custom  # (B|1, 1, T, past + T) bool given by the caller, or None
-        # `past` is a 0-d tensor for static caches. It is only ever added to, never read back into Python,
-        # so a compiled decoding step has no data-dependent branch.
-        self.past, self.q_len, self.window = past, q_len, window
-        self._built: dict = {}
-
-    def slots(self, device: torch.device) -> torch.Tensor:
-        """(T,) cache slot of each query: past + arange(T)."""
-        if "slots" not in self._built:
-            self._built["slots"] = self.past + torch.arange(self.q_len, device=device)
-        return self._built["slots"]
-
-    def get(self, kind: str, k_len: int, device: torch.device) -> torch.Tensor | None:
-        # Every layer of one forward sees the same cache length, so the kind alone names the mask (a key
-        # length would be a symbolic int under torch.export, which cannot be hashed).
-        if kind not in self._built:
-            self._built[kind] = self._build(kind, k_len, device)
-        return self._built[kind]
-
-    def _build(self, kind: str, k_len: int, device: torch.device) -> torch.Tensor | None:
-        T = self.q_len
-        plain = self.key_padding is None and self.documents is None and self.custom is None
-        # (a static cache's `past` is a tensor, and its keys run on past the tokens seen: it always gets a mask)
-        exact = isinstance(self.past, int) and k_len == self.past + T and (self.past == 0 or T == 1)
-        if plain and exact and (kind == "global" or self.window >= k_len):
-            return None
-        q_slot = self.slots(device)[:, None]  # (T, 1)
-        k_slot = torch.arange(k_len, device=device)[None, :]  # (1, Tk)
-        mask = k_slot <= q_slot
-        if kind == "local":
-            mask = mask & (q_slot - k_slot < self.window)
-        mask = mask[None, None]  # (1, 1, T, Tk)
-        if self.key_padding is not None:
-            mask = mask & over_keys(self.key_padding, k_len)[:, None, None, :]  # (B, 1, T, Tk)
-            # A query that is itself padding sees nothing; let it see itself so softmax stays finite.
-            # Its output is never used, and real tokens never attend to it.
-            mask = mask | (q_slot == k_slot)[None, None]
-        if self.documents is not None:  # padding-free packing: no attention across document boundaries
-            docs = self.documents
-            same = docs[:, None, :, None] == docs[:, None, None, :]  # (B, 1, T, T)
-            # Documents come only without a past, so keys 0..T-1 are this call's tokens.
-            mask = mask & over_keys(same, k_len)  # (B, 1, T, Tk)
-        if self.custom is not None:
-            mask = mask & over_keys(self.custom, k_len)  # (B|1, 1, T, Tk)
-        return mask
+    T, Tk = query.shape[2], key.shape[2]
+    # Each pass over the (B, nh, T, Tk) scores costs as much as a block's small matmuls, so there are few: the
+    # scale goes on q, and the mask is added in place (nothing for backward to undo).
+    scores = (query * scaling) @ key.transpose(-2, -1)  # (B, nh, T, Tk)
+    if attention_mask is None and T > 1:
+        attention_mask = torch.ones(T, Tk, dtype=torch.bool, device=query.device).tril()
+    if attention_mask is not None:
+        min_value = torch.finfo(scores.dtype).min
+        if attention_mask.dtype == torch.bool:
+            scores += torch.zeros(attention_mask.shape, dtype=scores.dtype, device=scores.device).masked_fill_(
+                ~attention_mask, min_value
+            )
+        else:  # additive; clamped so that a mask made in a wider dtype cannot overflow to -inf here
+            scores += attention_mask.clamp(min=min_value).to(scores.dtype)
+    # Softmax in the scores' dtype: low-precision kernels accumulate in fp32 and round once.
+    probs = F.softmax(scores, dim=-1)
+    if dropout == 0:
+        return (probs @ value).transpose(1, 2), probs  # (B, T, nh, hs)
+    # (torch.rand is about twice as fast as bernoulli_ on CPU; the same draw whether or not weights are returned)
+    drop = torch.rand(probs.shape, device=probs.device) < dropout
+    if output_attentions:
+        weights = torch.where(drop, 0.0, probs) * (1 / (1 - dropout))
+        return (weights @ value).transpose(1, 2), weights
+    # Dropout written out, so that backward rebuilds the dropped probabilities from `probs` (kept for the softmax's
+    # gradient) and `drop` (for the dropout's) rather than storing them too; its 1/(1-p) goes on the (B, nh, T, hs)
+    # output, a smaller tensor than the probabilities.
+    kept = torch.where(drop, 0.0, probs)  # (masked_fill would copy, then fill)
+    with recompute_in_backward(kept, lambda: torch.where(drop, 0.0, probs)):
+        y = (kept @ value) * (1 / (1 - dropout))
+    return y.transpose(1, 2), None
 
 
-def over_keys(mask: torch.Tensor, k_len: int) -> torch.Tensor:
-    """A boolean mask whose last dim runs over key slots, cut or padded (with False) to the `k_len` slots the
-    attention sees: a static cache is longer than the tokens seen so far, and its further slots are empty."""
-    if mask.shape[-1] < k_len:
-        mask = F.pad(mask, (0, k_len - mask.shape[-1]), value=False)
-    return mask[..., :k_len]
+def sdpa_or_written_out_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """ "sdpa" for this model: transformers' SDPA, except on CPU where attention written out is faster. Measured
+    per GPT-2-small layer on the project's CPU: with attention dropout (SDPA has no fused CPU kernel for it) a
+    training step's forward and backward take 38 vs 54 ms fp32, 28 vs 50 ms bf16; a bf16 decoding step of 16 rows
+    0.5 vs 3.0 ms. Both take SDPA's masks (`masking_utils.sdpa_mask`)."""
+    several_bf16_rows = query.shape[2] == 1 and query.shape[0] > 1 and query.dtype == torch.bfloat16
+    if query.device.type == "cpu" and not torch.compiler.is_compiling() and (dropout > 0 or several_bf16_rows):
+        y, _ = eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout, False)
+        return y, None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+# transformers' way for a model to replace one of its attention functions (see `AttentionInterface`): an instance of
+# its own, whose entries override the library-wide ones for this model only; every other implementation (eager,
+# flex, flash, the paged ones, those serving engines register) is transformers'. (The name is the one transformers'
+# and vLLM's checks look for in the attention layer's source.)
+ALL_ATTENTION_FUNCTIONS = AttentionInterface()
+ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa_or_written_out_attention
+# Tensor parallelism (config.base_model_tp_plan): c_attn's output is [q; k; v], three blocks of n_embd, and each device
+# takes the same heads from all three. transformers' "packed_colwise" splits a weight packed from two blocks (an
+# MLP's gate and up), which would hand a device parts of two blocks here; this is the same style for three.
+try:
+    from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES, PackedColwiseParallel
+except ImportError:  # transformers without tensor parallelism: the plan is never applied
+    pass
+else:
+    ALL_PARALLEL_STYLES.register("packed_colwise_qkv", PackedColwiseParallel(split_factor=3))
 
 
 class GPTAttention(nn.Module):
-    """Multi-head causal self-attention, dense or locally banded."""
+    """Multi-head causal self-attention, dense or locally banded, through transformers' `AttentionInterface`."""
 
     def __init__(self, config: GPTConfig, layer_idx: int) -> None:
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
-        self.n_head, self.head_dim = config.n_head, config.head_dim
-        self.kind = config.layer_attention(layer_idx)
+        self.head_dim = config.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = True
+        self.layer_type = config.layer_types[layer_idx]
+        self.sliding_window = config.local_window if self.layer_type == "sliding_attention" else None
         self.c_attn = Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads in one matmul
         self.c_proj = Linear(config.n_embd, config.n_embd)
         self.attn_dropout = nn.Dropout(config.attn_pdrop)
@@ -185,55 +211,44 @@ class GPTAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        masks: AttentionMasks,
+        attention_mask: torch.Tensor | None,
         cache: Cache | None = None,
         output_attentions: bool = False,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        B, T, C = x.shape
-        qkv = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim)  # (B, T, 3, nh, hs): q, k, v side by side
+        B, T, _ = x.shape
+        # (-1 heads: under tensor parallelism this device holds only some of them)
+        qkv = self.c_attn(x).view(B, T, 3, -1, self.head_dim)  # (B, T, 3, nh, hs): q, k, v side by side
         # (unbinding the q/k/v dim itself keeps backward's stack of the three gradients contiguous)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # each (B, nh, T, hs)
         if cache is not None:
-            # The slot positions are passed for caches (static ones on older transformers) that need them.
-            k, v = cache.update(k, v, self.layer_idx, {"cache_position": masks.slots(x.device)})  # (B, nh, Tk, hs)
-        mask = masks.get(self.kind, k.shape[2], x.device)  # (B|1, 1, T, Tk) or None = plain causal
+            # `kwargs` goes along: the paged cache of continuous batching reads its indices from it (and fills in
+            # what its attention function needs).
+            k, v = cache.update(k, v, self.layer_idx, kwargs)  # (B, nh, Tk, hs)
 
-        dropout = self.config.attn_pdrop if self.training else 0.0
-        weights = None
-        # Written out so the attention probabilities can be returned. Also on CPU where SDPA is slower: with
-        # attention dropout (no fused kernel; its fallback makes several more passes over (B, nh, T, Tk)), and for
-        # a bf16 decoding step of several rows, where oneDNN's batched matmuls take a third of SDPA's time (at
-        # batch 1 SDPA is the faster, as `one_row_matmuls` turns oneDNN off there).
-        bf16_decoding = T == 1 and B > 1 and q.dtype == torch.bfloat16 and not torch.compiler.is_compiling()
-        written_out = x.device.type == "cpu" and (dropout > 0 or bf16_decoding)
-        if output_attentions or self.config._attn_implementation == "eager" or written_out:
-            # Each pass over the (B, nh, T, Tk) scores costs as much as a block's small matmuls, so there are few:
-            # the 1/sqrt(hs) scale goes on q, the mask is added in place (nothing for backward to undo), and the
-            # dropout's 1/(1-p) goes on the (B, nh, T, hs) output.
-            scores = (q * (1 / math.sqrt(self.head_dim))) @ k.transpose(-2, -1)  # (B, nh, T, Tk)
-            if mask is None and T > 1:  # plain causal (no past here); a single new token without a mask sees all
-                mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril()
-            if mask is not None:
-                min_value = torch.finfo(scores.dtype).min
-                scores += torch.zeros(mask.shape, dtype=scores.dtype, device=x.device).masked_fill_(~mask, min_value)
-            # Softmax in the scores' dtype: low-precision kernels accumulate in fp32 and round once.
-            weights = probs = F.softmax(scores, dim=-1)
-            if dropout > 0:
-                # Dropout written out, so that backward rebuilds the dropped probabilities from `probs` (kept for
-                # the softmax's gradient) and `drop` (for the dropout's) rather than storing them too.
-                # (torch.rand is about twice as fast as bernoulli_ on CPU)
-                drop = torch.rand(probs.shape, device=probs.device) < dropout
-                kept = torch.where(drop, 0.0, probs)  # (masked_fill would copy, then fill)
-                with recompute_in_backward(kept, lambda: torch.where(drop, 0.0, probs)):
-                    y = (kept @ v) * (1 / (1 - dropout))  # (B, nh, T, hs)
-                weights = kept / (1 - dropout) if output_attentions else None
-            else:
-                y = weights @ v  # (B, nh, T, hs)
-        else:
-            # No mask: causal over this call's tokens, or a single new token that sees every key
-            causal = mask is None and bool(T > 1)  # (bool: torch.jit.trace hands out sizes as tensors)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): heads side by side again
+        implementation = self.config._attn_implementation
+        if output_attentions and implementation not in (None, "eager"):
+            # Only the written-out attention has probabilities to return; the masks of SDPA (and ours) suit it.
+            if implementation != "sdpa":
+                raise ValueError(
+                    f"output_attentions=True needs attn_implementation 'eager' or 'sdpa', not {implementation!r}: "
+                    "load the model with attn_implementation='eager' (or call model.set_attn_implementation('eager'))."
+                )
+            implementation = "eager"
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        y, weights = attention(
+            self,
+            q,
+            k,
+            v,
+            attention_mask,
+            scaling=self.scaling,
+            dropout=self.attn_dropout.p if self.training else 0.0,
+            sliding_window=self.sliding_window,
+            output_attentions=output_attentions,
+            **kwargs,
+        )
+        y = y.reshape(B, T, -1)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y)), weights
 
 
@@ -269,16 +284,17 @@ class GPTBlock(GradientCheckpointingLayer):
     def forward(
         self,
         x: torch.Tensor,
-        masks: AttentionMasks,
+        attention_mask: torch.Tensor | None,
         cache: Cache | None = None,
         output_attentions: bool = False,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.pre_norm:
-            a, weights = self.attn(self.ln_1(x), masks, cache, output_attentions)
+            a, weights = self.attn(self.ln_1(x), attention_mask, cache, output_attentions, **kwargs)
             x = x + a
             x = x + self.mlp(self.ln_2(x))
         else:
-            a, weights = self.attn(x, masks, cache, output_attentions)
+            a, weights = self.attn(x, attention_mask, cache, output_attentions, **kwargs)
             x = self.ln_1(x + a)
             x = self.ln_2(x + self.mlp(x))
         return x, weights
@@ -290,16 +306,15 @@ class GPTPreTrainedModel(PreTrainedModel):
     base_model_prefix = "transformer"
     supports_gradient_checkpointing = True
     _no_split_modules = ["GPTBlock"]
+    # Attention goes through transformers' AttentionInterface and masks through masking_utils, so every
+    # implementation transformers has (and those serving engines register, such as vLLM's) can be used.
+    _supports_attention_backend = True
     _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
     _can_compile_fullgraph = True
     # Old GPT-2 / GPT-1 checkpoints carry causal-mask buffers; masks are built on the fly here.
     _keys_to_ignore_on_load_unexpected = [r"\.attn\.bias$", r"\.attn\.masked_bias$"]
-
-    @classmethod
-    def _can_set_attn_implementation(cls) -> bool:
-        # transformers guesses this from the source (it looks for its AttentionInterface); GPTAttention reads
-        # config._attn_implementation on every call, so `set_attn_implementation("eager" | "sdpa")` takes effect.
-        return True
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -364,7 +379,7 @@ class GPTModel(GPTPreTrainedModel):
         return_dict: bool | None = None,
         past_key_values: Cache | None = None,
         token_type_ids: torch.LongTensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPast:
         """
         Args:
@@ -398,75 +413,34 @@ class GPTModel(GPTPreTrainedModel):
             raise ValueError("Empty input: `input_ids` / `inputs_embeds` must hold at least one token per row.")
         if use_cache and cache is None:
             cache = DynamicCache(config=cfg)
-        past = cache.get_seq_length() if cache is not None else 0  # int, or a 0-d tensor for static caches
+        # Tokens already in the cache: an int, or a 0-d tensor for static caches. (The paged cache of continuous
+        # batching holds many sequences and always comes with position_ids; it has no single length.)
+        past = cache.get_seq_length() if isinstance(cache, Cache) else 0
         compiling = torch.compiler.is_compiling()  # then skip the checks that read tensors into Python
-        if position_ids is None and not compiling and past + T > cfg.n_positions:
-            raise ValueError(
-                f"Input of {past + T} tokens (including {past} cached) is longer than the model's {cfg.n_positions} "
-                "positions (config.n_positions). Crop the input to its last n_positions tokens, or evaluate long "
-                "texts with a sliding window (`hf-gpt eval-ppl --stride`)."
-            )
-        # A static cache may also take the mask padded to its full length (what generate() passes it, so
-        # every decoding step has the same shapes).
-        widths = (int(past) + T, cache.get_max_length() if cache is not None else -1) if not compiling else ()
-        if attention_mask is not None and widths:
-            shape = tuple(attention_mask.shape)
-            if len(shape) == 4:
-                fits = shape[0] in (1, B) and shape[1:3] == (1, T) and shape[3] in widths
-            else:
-                fits = len(shape) == 2 and shape[0] == B and shape[1] in widths
-            if not fits:
-                raise ValueError(
-                    f"attention_mask has shape {shape}; expected (batch, past + new tokens) = ({B}, {widths[0]}): "
-                    f"one 0/1 entry per cached and new token (or a full mask of shape ({B}, 1, {T}, {widths[0]}))."
-                )
-        if position_ids is not None:
-            if position_ids.dim() != 2 or position_ids.shape[1] != T or position_ids.shape[0] not in (1, B):
-                raise ValueError(
-                    f"position_ids has shape {tuple(position_ids.shape)}; expected ({B}, {T}) or (1, {T})."
-                )
-            check_token_ids(position_ids, cfg.n_positions, "position_ids")
+        if not compiling:
+            check_inputs(cfg, B, T, past, cache, attention_mask, position_ids)
 
-        key_padding = custom = None
-        if attention_mask is not None and attention_mask.dim() == 4:
-            # The caller's full mask (e.g. several continuations sharing one prefix): True / 1 = may attend, or
-            # the additive float form transformers' models take (0 = may attend, a large negative = may not).
-            custom = attention_mask == 0 if attention_mask.is_floating_point() else attention_mask.bool()
-        elif attention_mask is not None:
-            key_padding = attention_mask.bool()
-            if not compiling and key_padding.all():
-                key_padding = None  # all ones: the fast causal path applies
-        slots = past + torch.arange(T, device=inputs_embeds.device)  # (T,) cache slots of the new tokens
-        positions_given = position_ids is not None
+        # Packed documents are found in the caller's positions (restarting at 0), never in the ones derived here.
+        given_positions = position_ids
         if position_ids is None:
-            if key_padding is not None:
+            slots = past + torch.arange(T, device=inputs_embeds.device)  # (T,) cache slots of the new tokens
+            if attention_mask is not None and attention_mask.dim() == 2:
                 # Count only real tokens, so a left-padded row gets the positions it would have alone.
-                position_ids = (key_padding.long().cumsum(-1) - 1).clamp(min=0).index_select(1, slots)
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0).index_select(1, slots)
             else:
                 position_ids = slots[None]  # (1, T)
         x = inputs_embeds + self.wpe(position_ids)  # (B, T, C)
         if token_type_ids is not None:
             x = x + self.wte(token_type_ids)
         x = self.drop(x)
-        documents = None
-        # A static cache's length is a 0-d tensor, which a compiled graph cannot branch on; there only an int 0
-        # counts as no past (packed documents come in training batches, which have no cache).
-        no_past = isinstance(past, int) and past == 0 if compiling else int(past) == 0
-        if positions_given and attention_mask is None and no_past and T > 1:
-            # Padding-free packed batches (e.g. TRL's packing) give no mask but restart position_ids at 0
-            # for each document; each document must attend only to itself. (A traced graph cannot test the
-            # values, so it always takes the document mask, which is the plain causal one for a single document.)
-            starts = position_ids.expand(B, T) == 0
-            if compiling or starts[:, 1:].any():
-                documents = starts.long().cumsum(-1)  # (B, T)
-        masks = AttentionMasks(key_padding, past, T, cfg.local_window, documents, custom)
+        masks = self.attention_masks(inputs_embeds, attention_mask, cache, past, given_positions)
 
         all_hidden = () if output_hidden_states else None
         all_attn = () if output_attentions else None
         for block in self.h:
             if output_hidden_states:
                 all_hidden += (x,)
-            x, weights = block(x, masks, cache, output_attentions)
+            x, weights = block(x, masks[block.attn.layer_type], cache, output_attentions, **kwargs)
             if output_attentions:
                 all_attn += (weights,)
         x = self.ln_f(x)
@@ -480,11 +454,110 @@ class GPTModel(GPTPreTrainedModel):
         )
         return as_returned(out, return_dict, cfg)
 
+    def attention_masks(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | dict | None,
+        cache: Cache | None,
+        past: int | torch.Tensor,
+        position_ids: torch.Tensor | None,
+    ) -> dict[str, torch.Tensor | None]:
+        """The mask of each layer type, in the form the attention implementation takes (transformers'
+        `masking_utils`: None where causality alone rules, a 4-D mask for SDPA / eager, a BlockMask for flex, the
+        2-D padding for flash). They follow the 2-D padding mask, the cache (its length and, for local layers, its
+        window), and padding-free packed documents (position_ids restarting at 0 with no attention_mask)."""
+        if isinstance(attention_mask, dict):  # already made per layer type (continuous batching, static caches)
+            return attention_mask
+        if attention_mask is not None and attention_mask.dim() == 4:
+            # The caller's full mask: True / 1 = may attend, or additive floats. A static cache holds more slots
+            # than tokens seen so far; the ones after them are empty and may not be attended to.
+            max_len = cache.get_max_length() if isinstance(cache, Cache) else -1
+            if max_len > attention_mask.shape[-1]:
+                fill = False if attention_mask.dtype == torch.bool else torch.finfo(attention_mask.dtype).min
+                attention_mask = F.pad(attention_mask, (0, max_len - attention_mask.shape[-1]), value=fill)
+            mask = attention_mask if attention_mask.is_floating_point() else attention_mask.bool()
+            return dict.fromkeys(LAYER_TYPES.values(), mask)
+        args = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+        if isinstance(cache, Cache) and not torch.compiler.is_compiling() and int(past) == 0:
+            if not cache.is_compileable:
+                # A dynamic cache that holds nothing yet sizes the masks as no cache would; passed as None, it lets
+                # masking_utils find padding-free packed documents (it looks only where there is no cache).
+                cache = None
+            elif attention_mask is None and position_ids is not None and inputs_embeds.shape[1] > 1:
+                # Into an empty static cache, packed documents are ours to find. Keys past this call's tokens are
+                # empty slots: they belong to no document.
+                docs = find_packed_sequence_indices(position_ids.expand(inputs_embeds.shape[0], -1))
+                if docs is not None:
+                    docs = F.pad(docs, (0, cache.get_max_length() - docs.shape[1]), value=-1)
+                    args["and_mask_function"] = packed_sequence_mask_function(docs)
+        args.update({_MASK_CACHE_ARG: cache, "position_ids": position_ids})
+        masks = {"full_attention": create_causal_mask(**args)}
+        if self.config.sliding_window is not None:
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**args)
+        return masks
+
+
+def check_inputs(
+    cfg: GPTConfig,
+    B: int,
+    T: int,
+    past: int | torch.Tensor,
+    cache: Cache | None,
+    attention_mask: torch.Tensor | dict | None,
+    position_ids: torch.Tensor | None,
+) -> None:
+    """Raise a clear error for inputs that would otherwise fail deep inside (or silently give wrong results)."""
+    if position_ids is None and past + T > cfg.n_positions:
+        raise ValueError(
+            f"Input of {past + T} tokens (including {past} cached) is longer than the model's {cfg.n_positions} "
+            "positions (config.n_positions). Crop the input to its last n_positions tokens, or evaluate long "
+            "texts with a sliding window (`hf-gpt eval-ppl --stride`)."
+        )
+    if position_ids is not None:
+        if position_ids.dim() != 2 or position_ids.shape[1] != T or position_ids.shape[0] not in (1, B):
+            raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}; expected ({B}, {T}) or (1, {T}).")
+        check_positions(position_ids, cfg.n_positions)
+    if attention_mask is None or isinstance(attention_mask, dict) or not isinstance(cache, Cache | None):
+        return  # (masks made for the paged cache of continuous batching span all its sequences)
+    # A static cache may also take the mask padded to its full length.
+    widths = (int(past) + T, cache.get_max_length() if isinstance(cache, Cache) else -1)
+    shape = tuple(attention_mask.shape)
+    if len(shape) == 4:
+        fits = shape[0] in (1, B) and shape[1:3] == (1, T) and shape[3] in widths
+    else:
+        fits = len(shape) == 2 and shape[0] == B and shape[1] in widths
+    if not fits:
+        raise ValueError(
+            f"attention_mask has shape {shape}; expected (batch, past + new tokens) = ({B}, {widths[0]}): "
+            f"one 0/1 entry per cached and new token (or a full mask of shape ({B}, 1, {T}, {widths[0]}))."
+        )
+
+
+def check_positions(position_ids: torch.Tensor, n_positions: int) -> None:
+    """Positions past the model's context mean the input (in generate(): the prompt plus the new tokens) is longer
+    than the model can read; say so, and what to pass instead."""
+    if position_ids.is_floating_point() or position_ids.dtype == torch.bool:
+        raise TypeError(f"position_ids must be an integer tensor (torch.long), got {position_ids.dtype}.")
+    if position_ids.numel() == 0:
+        return
+    lo, hi = torch.stack(torch.aminmax(position_ids)).tolist()  # one read back from a GPU, not two
+    if lo < 0:
+        raise ValueError(f"position_ids holds {lo}; positions count from 0.")
+    if hi >= n_positions:
+        raise ValueError(
+            f"position_ids reaches {hi}, but the model has {n_positions} positions "
+            f"(0-{n_positions - 1}, config.n_positions): the input is longer than the model's context. In generate(), "
+            f"the prompt plus the new tokens must fit in {n_positions}: lower max_new_tokens (or max_length), or crop "
+            "the prompt to its last tokens."
+        )
+
 
 class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
     """GPTModel with a language-model head (tied to the input embedding by default)."""
 
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+    # (No tensor-parallel plan for lm_head: it shares its weight with wte, which every device holds whole.)
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__(config)
@@ -507,7 +580,7 @@ class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         past_key_values: Cache | None = None,
         token_type_ids: torch.LongTensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> CausalLMOutputWithPast:
         """
         Args:
@@ -533,6 +606,7 @@ class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
                 output_attentions=output_attentions,
                 output_hidden_states=output_hidden_states,
                 return_dict=True,
+                **kwargs,
             )
             h = out.last_hidden_state  # (B, T, C)
             if labels is not None and labels.shape != h.shape[:2]:
@@ -567,19 +641,6 @@ class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
             **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)},
         )
         return as_returned(result, return_dict, self.config)
-
-    @staticmethod
-    def create_masks_for_generate(
-        attention_mask: torch.Tensor | None = None, cache: Cache | None = None, **kwargs
-    ) -> torch.Tensor | None:
-        """generate() would turn the 2-D mask into a 4-D one for static caches; our forward builds its own.
-        For a static cache, the 2-D mask is padded to the cache's length, so that every decoding step has the
-        same shapes and a compiled forward (CUDA graphs) is reused rather than rebuilt."""
-        cache = cache if cache is not None else kwargs.get("past_key_values")
-        max_len = cache.get_max_length() if isinstance(cache, Cache) else -1
-        if attention_mask is None or attention_mask.dim() != 2 or max_len <= attention_mask.shape[1]:
-            return attention_mask
-        return F.pad(attention_mask, (0, max_len - attention_mask.shape[1]), value=0)
 
 
 class GPTHeadModel(GPTPreTrainedModel):
@@ -631,7 +692,7 @@ class GPTForSequenceClassification(GPTHeadModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         token_type_ids: torch.LongTensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> SequenceClassifierOutputWithPast:
         """
         Args:
@@ -654,6 +715,7 @@ class GPTForSequenceClassification(GPTHeadModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            **kwargs,
         )
         h = out.last_hidden_state  # (B*V, T, C)
         idx = last_token_index(input_ids, attention_mask, self.config.pad_token_id, h.shape[1])
@@ -692,7 +754,7 @@ class GPTForMultipleChoice(GPTHeadModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         token_type_ids: torch.LongTensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MultipleChoiceModelOutput:
         """
         Args:
@@ -717,6 +779,7 @@ class GPTForMultipleChoice(GPTHeadModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            **kwargs,
         )
         h = out.last_hidden_state  # (B*K, T, C)
         if mc_token_ids is not None:
@@ -758,7 +821,7 @@ class GPTForTokenClassification(GPTPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         token_type_ids: torch.LongTensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> TokenClassifierOutput:
         """labels: (B, T) class ids, -100 ignored. Returns `logits` (B, T, num_labels)."""
         out = self.transformer(
@@ -771,6 +834,7 @@ class GPTForTokenClassification(GPTPreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            **kwargs,
         )
         logits = self.classifier(self.dropout(out.last_hidden_state))  # (B, T, num_labels)
         loss = None
@@ -803,7 +867,7 @@ class GPTForQuestionAnswering(GPTPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         token_type_ids: torch.LongTensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> QuestionAnsweringModelOutput:
         """start_positions / end_positions: (B,). Returns `start_logits`, `end_logits` (B, T)."""
         out = self.transformer(
@@ -816,6 +880,7 @@ class GPTForQuestionAnswering(GPTPreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            **kwargs,
         )
         start_logits, end_logits = self.qa_outputs(out.last_hidden_state).unbind(-1)  # (B, T) each
         loss = None

@@ -35,7 +35,12 @@ def model():
         (
             dict(input_ids=torch.tensor([[1, 2]]), position_ids=torch.tensor([[0, 16]])),
             ValueError,
-            "position_ids holds 16",
+            "position_ids reaches 16, but the model has 16 positions",
+        ),
+        (
+            dict(input_ids=torch.tensor([[1, 2]]), position_ids=torch.tensor([[-1, 0]])),
+            ValueError,
+            "position_ids holds -1",
         ),
         (dict(input_ids=torch.tensor([[1, 2]]), labels=torch.tensor([[1, 2, 3]])), ValueError, "labels has shape"),
         (dict(), ValueError, "exactly one of"),
@@ -44,3 +49,13 @@ def model():
 def test_bad_input_is_a_clear_error(model, kwargs, exc, phrase):
     with pytest.raises(exc, match=phrase):
         model(**kwargs)
+
+
+def test_generate_past_the_context_says_what_to_pass(model):
+    """A 10-token prompt with max_new_tokens=20 on a 16-position model: the error names the context and the fix,
+    not the tokenizer."""
+    prompt = torch.arange(1, 11)[None]
+    with pytest.raises(ValueError, match=r"longer than the model's context.*lower max_new_tokens") as caught:
+        model.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    assert "tokenizer" not in str(caught.value)
+    assert model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0).shape == (1, 16)  # fits
