@@ -466,7 +466,9 @@ def export_to_transformers(
 
         tokenizer = default_tokenizer(model.config) if family == "gpt2" else None
     if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
+        from .tokenization import save_beside_model
+
+        save_beside_model(tokenizer, config, folder)
     else:
         logger.warning("no tokenizer written to %s; save the model's tokenizer there yourself", folder)
     return family

@@ -28,7 +28,7 @@ from .conversion import (
     plain_format,
     read_config_dict,
 )
-from .tokenization import load_tokenizer
+from .tokenization import load_tokenizer, save_beside_model
 
 logger = logging.getLogger("hf_gpt.convert")
 
@@ -78,6 +78,11 @@ def write_atomically(dst: Path, write: Callable[[Path], None]) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:
+        # mkdtemp makes its folder owner-only; give DST an ordinary new folder's permissions (so that, say, a
+        # server running as another user can read an export), as os.makedirs would under the current umask.
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
         write(tmp)
         if dst.exists():
             shutil.rmtree(dst)
@@ -146,7 +151,7 @@ def _convert(args: argparse.Namespace) -> str:
         logger.info("writing %s", args.dst)
         model.save_pretrained(folder, max_shard_size=args.max_shard_size)
         if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
+            save_beside_model(tokenizer, model.config, folder)
         else:
             logger.warning(
                 "no tokenizer in %s and vocab_size %d is not GPT-2's: none written", args.src, model.config.vocab_size

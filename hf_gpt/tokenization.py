@@ -44,6 +44,15 @@ def gpt2_tokenizer(model_max_length: int = 1024) -> PreTrainedTokenizerBase:
     return GPT2Tokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=model_max_length)
 
 
+def save_beside_model(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig, folder: str | os.PathLike) -> None:
+    """`tokenizer.save_pretrained(folder)` for a tokenizer saved with a model: its `model_max_length` (what pipelines
+    and evaluation harnesses crop inputs to) is brought down to the model's `n_positions` where it is longer."""
+    positions = getattr(config, "n_positions", None)
+    if positions is not None and (tokenizer.model_max_length or 0) > positions:
+        tokenizer.model_max_length = positions
+    tokenizer.save_pretrained(folder)
+
+
 def default_tokenizer(config: PretrainedConfig) -> PreTrainedTokenizerBase | None:
     """The GPT-2 tokenizer for a model whose vocabulary has room for GPT-2's 50,257 ids, else None.
 
@@ -84,7 +93,7 @@ def save_with_tokenizer(
     if tokenizer is None:
         logger.warning("no tokenizer written to %s: vocab_size %d is not GPT-2's", folder, model.config.vocab_size)
     else:
-        tokenizer.save_pretrained(folder)
+        save_beside_model(tokenizer, model.config, folder)
     return tokenizer
 
 

@@ -181,8 +181,15 @@ def test_export_round_trip(gpt2_50k, after_convert):
     assert not any(info.values()), info
     a, b = ref.state_dict(), back.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert AutoTokenizer.from_pretrained(out)("Hello, I'm a language model,").input_ids == HELLO_IDS
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer("Hello, I'm a language model,").input_ids == HELLO_IDS
+    assert tokenizer.model_max_length == back.config.n_positions == 64  # (GPT-2's tokenizer says 1024)
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
+    # An ordinary new folder's permissions (so that a server running as another user can read it), like the
+    # folders save_pretrained makes, not the temporary folder's owner-only ones.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
 
 
 # ---------------------------------------------------------------- errors: message, exit 1, nothing written
