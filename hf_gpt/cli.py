@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "hpo": ("training.hpo:main", "grid / random search over fine-tuning hyperparameters (optuna)"),
     "transfer": ("training.transfer:main", "pretrained vs from-scratch fine-tuning on the four offline tasks"),
     "eval-ppl": ("training.evaluate:main", "sliding-window perplexity of a model on a text file"),
+    "serve": ("hf_gpt.serve:main", "OpenAI-compatible server for a model folder, with continuous batching"),
     "bench": ("benchmarks.bench:main", "speed and memory against transformers' GPT-2"),
     "card": ("model_cards.generate:main", "write the model card (README.md) of a run folder"),
     "push": ("model_cards.push:main", "upload a run folder to the Hub (--dry-run lists the files)"),
