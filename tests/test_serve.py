@@ -1,0 +1,200 @@
+"""`hf-gpt serve`: a real server process on 127.0.0.1, queried with the `openai` client. Greedy completions give
+the tokens `generate()` gives (one by one and in a concurrent burst, through continuous batching), each bad request
+gets a 4xx with a message while the server keeps answering, and SIGTERM stops it cleanly."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from hf_gpt import GPTConfig, GPTForCausalLM, gpt2_tokenizer
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+N_POSITIONS = 64
+PROMPTS = ["Hello there", "The quick brown fox", "Once upon a time, in a land", "1 2 3"]
+BURST = [f"Request number {i} says" + " word" * i for i in range(12)]
+START_TIMEOUT_S, STOP_TIMEOUT_S, REQUEST_TIMEOUT_S = 90, 20, 60
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A small model folder (GPT-2 tokenizer beside it), `hf-gpt serve` on it, and an openai client."""
+    folder = tmp_path_factory.mktemp("serve") / "tiny-gpt"
+    torch.manual_seed(0)
+    # initializer_range 0.3: greedy continuations that vary (at 0.02 a random model repeats one token).
+    config = GPTConfig(n_positions=N_POSITIONS, n_embd=64, n_layer=2, n_head=2, initializer_range=0.3)
+    model = GPTForCausalLM(config).eval()
+    model.save_pretrained(folder)
+    tokenizer = gpt2_tokenizer(model_max_length=N_POSITIONS)
+    tokenizer.save_pretrained(folder)
+
+    port = free_port()
+    log = open(folder.parent / "server.log", "w+")  # noqa: SIM115 (closed below)
+    cmd = [sys.executable, "-m", "hf_gpt.cli", "serve", str(folder), "--port", str(port), "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "NO_PROXY": "127.0.0.1"})
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            assert proc.poll() is None, f"server exited with {proc.returncode}:\n{_tail(log)}"
+            assert time.monotonic() < deadline, f"server not up after {START_TIMEOUT_S} s:\n{_tail(log)}"
+            try:
+                status, _ = request(port, "GET", "/health")
+                if status == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.25)
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1",
+            api_key="unused",
+            max_retries=0,
+            timeout=REQUEST_TIMEOUT_S,
+            http_client=openai.DefaultHttpxClient(trust_env=False),
+        )
+        yield {"client": client, "model": model, "tok": tokenizer, "name": str(folder), "port": port, "proc": proc}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=STOP_TIMEOUT_S)
+        log.close()
+
+
+def _tail(log) -> str:
+    log.flush()
+    log.seek(0)
+    return log.read()[-3000:]
+
+
+def request(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, dict]:
+    """One HTTP request to 127.0.0.1 (for what the openai client cannot send, such as a body that is not JSON)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=REQUEST_TIMEOUT_S)
+    try:
+        conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read() or b"{}")
+    finally:
+        conn.close()
+
+
+def greedy_ids(served, prompt: str | list[int], n: int) -> list[int]:
+    ids = served["tok"](prompt)["input_ids"] if isinstance(prompt, str) else prompt
+    with torch.no_grad():
+        out = served["model"].generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
+    return out[0, len(ids) :].tolist()
+
+
+def complete(served, prompt, n: int, **kw):
+    return served["client"].completions.create(
+        model=served["name"], prompt=prompt, max_tokens=n, temperature=0, extra_body={"return_token_ids": True}, **kw
+    )
+
+
+def test_greedy_completions_equal_generate(served):
+    for prompt in PROMPTS:
+        want = greedy_ids(served, prompt, 12)
+        assert len(set(want)) > 2  # a continuation that varies, so that a wrong one shows
+        answer = complete(served, prompt, 12)
+        choice = answer.choices[0]
+        assert choice.model_extra["token_ids"] == want, prompt
+        assert choice.text == served["tok"].decode(want, skip_special_tokens=True)
+        assert answer.model_extra["prompt_token_ids"] == served["tok"](prompt)["input_ids"]
+        assert answer.usage.completion_tokens == len(want)
+    # The plain OpenAI answer (no extension), a prompt given as token ids, and streaming give the same text.
+    want = greedy_ids(served, PROMPTS[1], 12)
+    text = served["tok"].decode(want, skip_special_tokens=True)
+    plain = served["client"].completions.create(model=served["name"], prompt=PROMPTS[1], max_tokens=12, temperature=0)
+    assert plain.choices[0].text == text and plain.choices[0].finish_reason == "length"
+    ids = served["tok"](PROMPTS[1])["input_ids"]
+    assert complete(served, ids, 12).choices[0].model_extra["token_ids"] == want
+    stream = served["client"].completions.create(
+        model=served["name"], prompt=PROMPTS[1], max_tokens=12, temperature=0, stream=True
+    )
+    assert "".join(chunk.choices[0].text for chunk in stream if chunk.choices) == text
+    # Without max_tokens the answer fills the context, as in vLLM.
+    ids = served["tok"](PROMPTS[0])["input_ids"]
+    fill = served["client"].completions.create(model=served["name"], prompt=PROMPTS[0], temperature=0)
+    assert len(ids) + fill.usage.completion_tokens <= N_POSITIONS
+    assert [m.id for m in served["client"].models.list().data] == [served["name"]]
+
+
+def test_concurrent_burst_all_answered_correctly(served):
+    """12 requests at once go through continuous batching together; each gets its own generate() tokens."""
+    want = [greedy_ids(served, prompt, 8) for prompt in BURST]
+    start = time.monotonic()
+    with ThreadPoolExecutor(max_workers=len(BURST)) as pool:
+        answers = list(pool.map(lambda prompt: complete(served, prompt, 8), BURST))
+    assert time.monotonic() - start < REQUEST_TIMEOUT_S
+    assert [a.choices[0].model_extra["token_ids"] for a in answers] == want
+
+
+LONG = " ".join(["word"] * (N_POSITIONS + 10))  # more tokens than the context holds
+
+
+@pytest.mark.parametrize(
+    "body, param, says",
+    [
+        ({"prompt": LONG, "max_tokens": 4}, "prompt", "context is 64 tokens"),
+        ({"prompt": "Hello there", "max_tokens": N_POSITIONS}, "max_tokens", "ask for at most 62"),
+        ({"prompt": "Hello there", "max_tokens": -3}, "max_tokens", "must be at least 1"),
+        ({"prompt": "Hello there", "max_tokens": 0}, "max_tokens", "must be at least 1"),
+        ({"prompt": "Hello there", "max_tokens": "4"}, "max_tokens", "must be an integer"),
+        ({"prompt": [15496, 50257, 612], "max_tokens": 4}, "prompt", "outside this model's vocabulary"),
+        ({"prompt": [15496, -1], "max_tokens": 4}, "prompt", "outside this model's vocabulary"),
+        ({"prompt": "", "max_tokens": 4}, "prompt", "empty"),
+        ({"prompt": ["a", "b"], "max_tokens": 4}, "prompt", "one string or one list of token ids"),
+        ({"prompt": "Hello there", "max_tokens": 4, "temperature": 0.8}, "temperature", "decodes greedily"),
+    ],
+)
+def test_bad_request_gets_4xx_and_the_server_goes_on(served, body, param, says):
+    with pytest.raises(openai.BadRequestError) as caught:
+        served["client"].completions.create(model=served["name"], **body)
+    assert caught.value.status_code == 400
+    assert says in caught.value.message
+    assert caught.value.body["param"] == param
+    assert complete(served, "Hello there", 4).choices[0].model_extra["token_ids"] == greedy_ids(
+        served, "Hello there", 4
+    )
+
+
+@pytest.mark.parametrize(
+    "path, body, says",
+    [
+        ("/v1/completions", b'{"prompt": "Hello", "max_tokens": ', "not a JSON object"),
+        ("/v1/completions", b'["a list"]', "not a JSON object"),
+        ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode(), "chat"),
+    ],
+)
+def test_malformed_body_and_chat_without_template_get_400(served, path, body, says):
+    status, answer = request(served["port"], "POST", path, body)
+    assert status == 400, answer
+    assert says in answer["error"]["message"]
+    assert complete(served, "Hello there", 4).choices[0].model_extra["token_ids"] == greedy_ids(
+        served, "Hello there", 4
+    )
+
+
+def test_sigterm_stops_the_server_cleanly(served):
+    """Last in this file: the server process exits by itself, with status 0, soon after SIGTERM."""
+    proc = served["proc"]
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=STOP_TIMEOUT_S) == 0
