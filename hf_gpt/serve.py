@@ -8,8 +8,8 @@ manager, uvicorn). Three things are ours, each for a reason:
    name inside the `transformers` module (`getattr(transformers, config.architectures[0])`), which fails for
    every custom-code model: "module transformers has no attribute GPTForCausalLM".
 2. Request checks. transformers serve 5.24 answers HTTP 500 for a prompt longer than the context, `max_tokens`
-   past it or a negative `max_tokens`; here each is a 400 with an OpenAI-style error body, before anything
-   reaches the model, so one bad request cannot disturb the batch the others are in. A prompt may also be a
+   past it or a negative `max_tokens`; here each is a 400 with an OpenAI-style error body, given before the
+   request reaches the model (errors of transformers' own checks get the same body). A prompt may also be a
    list of token ids (as in OpenAI's API), and `"return_token_ids": true` adds the generated ids to the answer
    (vLLM's extension).
 3. Continuous batching starts with the server, greedy. transformers' continuous-batching manager takes its
@@ -80,6 +80,27 @@ def check_lengths(prompt_len: int, max_new: int | None, n_positions: int, param:
     return max_new
 
 
+def check_chat(
+    body: dict, tokenizer, n_positions: int, messages: list[dict] | None, tools: list | None, param: str
+) -> None:
+    """The checks of a chat request (`/v1/chat/completions`, `/v1/responses`): the model has a chat template, and
+    the prompt it renders (as transformers' handlers render it) leaves room for `body[param]` new tokens, which is
+    set to the room left when absent."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise RequestError(
+            "This model has no chat template (a base language model): use /v1/completions with a text prompt.",
+            "messages",
+        )
+    max_new = _positive_int(body, param)
+    try:
+        rendered = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tools=tools, tokenize=True, return_dict=True
+        )
+    except Exception as e:  # the template's own errors (a role it does not know, ...)
+        raise RequestError(f"The chat template cannot render these messages: {e}", "messages") from e
+    body[param] = check_lengths(len(rendered["input_ids"]), max_new, n_positions, param)
+
+
 def _check_sampling(body: dict, continuous_batching: bool) -> None:
     for name in ("temperature", "top_p"):
         value = body.get(name)
@@ -114,6 +135,7 @@ def _serving_classes():
     from transformers.cli.serving.completion import CompletionHandler
     from transformers.cli.serving.model_manager import ModelManager
     from transformers.cli.serving.response import ResponseHandler
+    from transformers.cli.serving.utils import Modality
 
     from .tokenization import load_tokenizer
 
@@ -232,33 +254,29 @@ def _serving_classes():
                 }
             )
 
-    def _chat_checks(handler, body: dict, tokens_param: str, messages: list | None) -> None:
-        model, tokenizer = handler._model()
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise RequestError(
-                "This model has no chat template (a base language model): use /v1/completions with a text prompt.",
-                "messages",
-            )
-        max_new = _positive_int(body, tokens_param)
-        if messages is not None:
-            rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            ids = rendered["input_ids"] if isinstance(rendered, dict) else rendered
-            body[tokens_param] = check_lengths(len(ids), max_new, model.config.n_positions, tokens_param)
-        _check_sampling(body, handler.continuous_batching)
-
     class GPTChatCompletionHandler(Checks, ChatCompletionHandler):
         async def handle_request(self, body: dict, request_id: str):
             self._validate_request(body)
             self._resolve_model(body)
-            tokens_param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-            _chat_checks(self, body, tokens_param, body.get("messages"))
+            model, tokenizer = self._model()
+            messages = self.get_processor_inputs_from_messages(body.get("messages") or [], Modality.LLM)
+            param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+            check_chat(body, tokenizer, model.config.n_positions, messages, body.get("tools"), param)
+            _check_sampling(body, self.continuous_batching)
             return await super().handle_request(body, request_id)
 
     class GPTResponseHandler(Checks, ResponseHandler):
         async def handle_request(self, body: dict, request_id: str):
             self._validate_request(body)
             self._resolve_model(body)
-            _chat_checks(self, body, "max_output_tokens", None)
+            model, tokenizer = self._model()
+            if getattr(tokenizer, "chat_template", None) is not None:
+                messages = self.get_processor_inputs_from_messages(self._normalize_input(body), Modality.LLM)
+                tools = self._normalize_tools(body.get("tools"))
+            else:
+                messages = tools = None
+            check_chat(body, tokenizer, model.config.n_positions, messages, tools, "max_output_tokens")
+            _check_sampling(body, self.continuous_batching)
             return await super().handle_request(body, request_id)
 
     return GPTModelManager, GPTCompletionHandler, GPTChatCompletionHandler, GPTResponseHandler
@@ -281,6 +299,7 @@ def build_app(
     from fastapi import Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
     from transformers import ContinuousBatchingConfig, GenerationConfig
     from transformers.cli.serving.server import build_server
     from transformers.cli.serving.transcription import TranscriptionHandler
@@ -297,7 +316,7 @@ def build_app(
         force_model=folder,
         served_name=served_name or folder,
     )
-    model, _ = next(iter(manager.loaded_models.values())).model, None
+    model = next(iter(manager.loaded_models.values())).model
     n_positions = model.config.n_positions
 
     cb_config = None
@@ -330,6 +349,11 @@ def build_app(
     @app.exception_handler(RequestError)
     async def _request_error(_request: Request, exc: RequestError):
         return JSONResponse(_error_body(exc.message, exc.param), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException):
+        # transformers' handlers raise HTTPException (FastAPI's body: {"detail": ...}); answer as OpenAI does.
+        return JSONResponse(_error_body(str(exc.detail)), status_code=exc.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_body(_request: Request, exc: RequestValidationError):
@@ -417,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["RequestError", "build_app", "check_lengths", "main"]
+__all__ = ["RequestError", "build_app", "check_chat", "check_lengths", "main"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -26,6 +26,7 @@ pytest.importorskip("uvicorn")
 N_POSITIONS = 64
 PROMPTS = ["Hello there", "The quick brown fox", "Once upon a time, in a land", "1 2 3"]
 BURST = [f"Request number {i} says" + " word" * i for i in range(12)]
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
 START_TIMEOUT_S, STOP_TIMEOUT_S, REQUEST_TIMEOUT_S = 90, 20, 60
 
 
@@ -45,6 +46,7 @@ def served(tmp_path_factory):
     model = GPTForCausalLM(config).eval()
     model.save_pretrained(folder)
     tokenizer = gpt2_tokenizer(model_max_length=N_POSITIONS)
+    tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(folder)
 
     port = free_port()
@@ -130,9 +132,8 @@ def test_greedy_completions_equal_generate(served):
     )
     assert "".join(chunk.choices[0].text for chunk in stream if chunk.choices) == text
     # Without max_tokens the answer fills the context, as in vLLM.
-    ids = served["tok"](PROMPTS[0])["input_ids"]
-    fill = served["client"].completions.create(model=served["name"], prompt=PROMPTS[0], temperature=0)
-    assert len(ids) + fill.usage.completion_tokens <= N_POSITIONS
+    fill = served["client"].completions.create(model=served["name"], prompt=" ".join(["sea"] * 50), temperature=0)
+    assert fill.usage.prompt_tokens == 50 and fill.usage.total_tokens == N_POSITIONS
     assert [m.id for m in served["client"].models.list().data] == [served["name"]]
 
 
@@ -144,6 +145,35 @@ def test_concurrent_burst_all_answered_correctly(served):
         answers = list(pool.map(lambda prompt: complete(served, prompt, 8), BURST))
     assert time.monotonic() - start < REQUEST_TIMEOUT_S
     assert [a.choices[0].model_extra["token_ids"] for a in answers] == want
+
+
+def test_chat_completions_equal_generate(served):
+    """Chat renders the messages with the tokenizer's chat template, then decodes as a completion does."""
+    messages = [{"role": "user", "content": "Tell me about the sea"}]
+    ids = served["tok"].apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    ids = ids["input_ids"]
+    want = greedy_ids(served, ids, 10)
+    answer = served["client"].chat.completions.create(
+        model=served["name"], messages=messages, max_tokens=10, temperature=0
+    )
+    assert answer.choices[0].message.content == served["tok"].decode(want, skip_special_tokens=True)
+    assert answer.usage.prompt_tokens == len(ids) and answer.usage.completion_tokens == len(want)
+    # Without max_tokens (transformers would ask for 1024 new tokens): the room left in the context. A long prompt
+    # keeps that short.
+    long_messages = [{"role": "user", "content": " ".join(["sea"] * 48)}]
+    fill = served["client"].chat.completions.create(model=served["name"], messages=long_messages, temperature=0)
+    assert fill.usage.total_tokens <= N_POSITIONS
+    response = served["client"].responses.create(
+        model=served["name"], input=long_messages[0]["content"], temperature=0, stream=False
+    )
+    assert response.usage.total_tokens <= N_POSITIONS
+
+
+def test_chat_needs_a_chat_template():
+    from hf_gpt.serve import RequestError, check_chat
+
+    with pytest.raises(RequestError, match="no chat template"):
+        check_chat({}, gpt2_tokenizer(), N_POSITIONS, [{"role": "user", "content": "hi"}], None, "max_tokens")
 
 
 LONG = " ".join(["word"] * (N_POSITIONS + 10))  # more tokens than the context holds
@@ -180,10 +210,11 @@ def test_bad_request_gets_4xx_and_the_server_goes_on(served, body, param, says):
     [
         ("/v1/completions", b'{"prompt": "Hello", "max_tokens": ', "not a JSON object"),
         ("/v1/completions", b'["a list"]', "not a JSON object"),
-        ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode(), "chat"),
+        ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": LONG}]}).encode(), "context"),
+        ("/v1/responses", json.dumps({"input": "hi", "max_output_tokens": 99}).encode(), "at most"),
     ],
 )
-def test_malformed_body_and_chat_without_template_get_400(served, path, body, says):
+def test_malformed_body_and_long_chat_get_400(served, path, body, says):
     status, answer = request(served["port"], "POST", path, body)
     assert status == 400, answer
     assert says in answer["error"]["message"]
