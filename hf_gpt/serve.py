@@ -301,6 +301,7 @@ def build_app(
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from transformers import ContinuousBatchingConfig, GenerationConfig
+    from transformers.cli.serving.model_manager import ModelManager
     from transformers.cli.serving.server import build_server
     from transformers.cli.serving.transcription import TranscriptionHandler
     from transformers.cli.serving.utils import GenerationState
@@ -308,14 +309,10 @@ def build_app(
     import hf_gpt  # noqa: F401  (registers GPTConfig / GPTForCausalLM with the Auto classes)
 
     GPTModelManager, GPTCompletionHandler, GPTChatCompletionHandler, GPTResponseHandler = _serving_classes()
-    manager = GPTModelManager(
-        device=device,
-        dtype=dtype,
-        trust_remote_code=trust_remote_code,
-        continuous_batching=continuous_batching,
-        force_model=folder,
-        served_name=served_name or folder,
-    )
+    options = {"device": device, "dtype": dtype, "trust_remote_code": trust_remote_code, "force_model": folder}
+    if "continuous_batching" in inspect.signature(ModelManager.__init__).parameters:  # transformers 5.24+
+        options["continuous_batching"] = continuous_batching
+    manager = GPTModelManager(served_name=served_name or folder, **options)
     model = next(iter(manager.loaded_models.values())).model
     n_positions = model.config.n_positions
 
