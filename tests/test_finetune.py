@@ -74,6 +74,7 @@ def test_finetune_each_task_type_end_to_end(task, toy_corpus, toy_lm, tmp_path):
     assert info["training_args"]["learning_rate"] == 6.25e-5 and info["model_args"]["aux_lm_weight"] == 0.5
     config = json.loads((out / "config.json").read_text())
     assert config["aux_lm_weight"] == 0.5 and config["vocab_size"] == len(toy_tokenizer()) + 3
+    assert AutoTokenizer.from_pretrained(out).model_max_length == config["n_positions"] == 64  # saved beside it
     assert any("loss" in e for e in json.loads((out / "log_history.json").read_text()))
     # The folder reloads with the Auto classes and scores what the run reported.
     again = rescore(out, task)

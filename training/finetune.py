@@ -286,6 +286,8 @@ def prepare(m: ModelArguments, d: DataArguments) -> Prepared:
     tokenizer = load_base_tokenizer(m)
     ids = add_task_tokens(tokenizer)
     n_positions = base_config(m, len(tokenizer)).n_positions
+    # Saved beside the fine-tuned model, the tokenizer says the model's context (GPT-2's says 1024).
+    tokenizer.model_max_length = min(tokenizer.model_max_length, n_positions)
     max_length = d.max_length or min(n_positions, 512)
     if max_length > n_positions:
         raise ValueError(f"--max_length {max_length} exceeds the model's n_positions {n_positions}")
