@@ -26,6 +26,7 @@ NORM_POSITIONS = ("pre", "post")
 ATTENTION_KINDS = ("global", "local")
 # Our attention kinds under transformers' layer-type names (what DynamicCache, masking_utils and vLLM read).
 LAYER_TYPES = {"global": "full_attention", "local": "sliding_attention"}
+KINDS = {name: kind for kind, name in LAYER_TYPES.items()}  # and back
 
 # Every Auto class the package registers, written into each saved config so a folder loads with
 # trust_remote_code=True through any of them where hf_gpt is not installed.
@@ -191,13 +192,12 @@ class GPTConfig(PretrainedConfig):
         **kwargs: Any,
     ) -> None:
         if layer_types is not None:  # transformers' spelling of attention_pattern (one entry per layer)
-            kinds = {name: kind for kind, name in LAYER_TYPES.items()}
-            unknown = sorted(set(layer_types) - set(kinds))
+            unknown = sorted(set(layer_types) - set(KINDS))
             if unknown:
-                raise ValueError(f"GPTConfig.layer_types may hold only {sorted(kinds)}, got {unknown}.")
+                raise ValueError(f"GPTConfig.layer_types may hold only {sorted(KINDS)}, got {unknown}.")
             if len(layer_types) != n_layer:
                 raise ValueError(f"GPTConfig.layer_types has {len(layer_types)} entries; expected n_layer = {n_layer}.")
-            attention_pattern = [kinds[name] for name in layer_types]
+            attention_pattern = [KINDS[name] for name in layer_types]
         if sliding_window is not None:  # transformers' spelling of local_window
             local_window = sliding_window
         self.vocab_size = vocab_size
@@ -223,7 +223,9 @@ class GPTConfig(PretrainedConfig):
         bos_token_id = vocab_size - 1 if bos_token_id == "last" else bos_token_id
         eos_token_id = vocab_size - 1 if eos_token_id == "last" else eos_token_id
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
-        self.validate()  # before transformers' own checks (of layer_types, say), so that the errors name our fields
+        # Before transformers' own check of layer_types, so that its error names our field. (Only this field: the
+        # others may still change below, where transformers applies aliases such as hidden_size.)
+        self.validate_attention_pattern()
         super().__init__(
             bos_token_id=bos_token_id,
             eos_token_id=eos_token_id,
@@ -254,10 +256,7 @@ class GPTConfig(PretrainedConfig):
             )
         if self.norm_position not in NORM_POSITIONS:
             raise ValueError(f"GPTConfig.norm_position must be one of {NORM_POSITIONS}, got {self.norm_position!r}.")
-        if not self.attention_pattern or any(kind not in ATTENTION_KINDS for kind in self.attention_pattern):
-            raise ValueError(
-                f"GPTConfig.attention_pattern must be a non-empty list of {ATTENTION_KINDS}, got {self.attention_pattern!r}."
-            )
+        self.validate_attention_pattern()
         if self.aux_lm_weight < 0:
             raise ValueError(f"GPTConfig.aux_lm_weight must be >= 0, got {self.aux_lm_weight!r}.")
         for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "classifier_dropout"):
@@ -266,6 +265,12 @@ class GPTConfig(PretrainedConfig):
                 raise ValueError(f"GPTConfig.{name} must be a probability in [0, 1), got {p!r}.")
         if self.layer_norm_epsilon <= 0:
             raise ValueError(f"GPTConfig.layer_norm_epsilon must be positive, got {self.layer_norm_epsilon!r}.")
+
+    def validate_attention_pattern(self) -> None:
+        if not self.attention_pattern or any(kind not in ATTENTION_KINDS for kind in self.attention_pattern):
+            raise ValueError(
+                f"GPTConfig.attention_pattern must be a non-empty list of {ATTENTION_KINDS}, got {self.attention_pattern!r}."
+            )
 
     @property
     def head_dim(self) -> int:
@@ -283,7 +288,7 @@ class GPTConfig(PretrainedConfig):
 
     @layer_types.setter
     def layer_types(self, value: list[str]) -> None:
-        self.attention_pattern = [{name: kind for kind, name in LAYER_TYPES.items()}.get(t, t) for t in value]
+        self.attention_pattern = [KINDS.get(t, t) for t in value]
 
     @property
     def sliding_window(self) -> int | None:

@@ -528,6 +528,8 @@ def test_standard_names_and_aliases():
     assert cfg.hidden_size == 96 and cfg.max_position_embeddings == 40
     again = GPTConfig.from_dict(cfg.to_dict())
     assert again.to_dict() == cfg.to_dict()
+    # An alias and a GPT-2 name together: validated once both are applied (768 default width % 10 != 0)
+    assert GPTConfig(hidden_size=100, n_head=10).n_embd == 100
 
 
 def test_too_long_input_is_a_clear_error():
