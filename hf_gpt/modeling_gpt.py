@@ -164,11 +164,15 @@ def sdpa_or_written_out_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """ "sdpa" for this model: transformers' SDPA, except on CPU where attention written out is faster. Measured
-    per GPT-2-small layer on the project's CPU: with attention dropout (SDPA has no fused CPU kernel for it) a
-    training step's forward and backward take 38 vs 54 ms fp32, 28 vs 50 ms bf16; a bf16 decoding step of 16 rows
-    0.5 vs 3.0 ms. Both take SDPA's masks (`masking_utils.sdpa_mask`)."""
-    several_bf16_rows = query.shape[2] == 1 and query.shape[0] > 1 and query.dtype == torch.bfloat16
-    if query.device.type == "cpu" and not torch.compiler.is_compiling() and (dropout > 0 or several_bf16_rows):
+    per layer on the project's CPU (forward and backward): with attention dropout (SDPA has no fused CPU kernel for
+    it) GPT-2 small trains 38 vs 54 ms fp32, 28 vs 50 ms bf16; in bf16 without dropout SDPA's CPU backward is slow
+    too: 17.7 vs 36.8 ms for GPT-2 small (4 x 256 tokens), 1.8 vs 6.2 ms for the 4 x 128 model at 12 x 64 tokens;
+    a bf16 decoding step of 16 rows 0.5 vs 3.0 ms. Both take SDPA's masks (`masking_utils.sdpa_mask`)."""
+    bf16 = query.dtype == torch.bfloat16
+    bf16_training = bf16 and torch.is_grad_enabled() and query.requires_grad
+    bf16_decoding_rows = bf16 and query.shape[2] == 1 and query.shape[0] > 1
+    written_out = dropout > 0 or bf16_training or bf16_decoding_rows
+    if query.device.type == "cpu" and not torch.compiler.is_compiling() and written_out:
         y, _ = eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout, False)
         return y, None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
