@@ -256,6 +256,13 @@ class GPTAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y)), weights
 
 
+# The MLP rebuilds its activation in backward instead of keeping it (one (B, T, 4C) tensor less per block) in models
+# at least this wide. GPT-2 small trains with half transformers' activation memory for an activation call that is a
+# few % of its step; at width 128 the activation is a far larger share of a step (bf16, 12 x 64 tokens: 47.7 vs
+# 43.4 ms per step with and without) while the memory saved is under 1 MB per block.
+RECOMPUTE_ACTIVATION_MIN_WIDTH = 256
+
+
 class GPTMLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -264,10 +271,13 @@ class GPTMLP(nn.Module):
         self.act = _ACTIVATIONS[config.activation_function]()
         self.c_proj = Linear(inner, config.n_embd)
         self.dropout = Dropout(config.resid_pdrop)
+        self.recompute = config.n_embd >= RECOMPUTE_ACTIVATION_MIN_WIDTH
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.c_fc(x)  # (B, T, 4C)
         a = self.act(h)
+        if not self.recompute:
+            return self.dropout(self.c_proj(a))
         # Backward keeps h for the activation's gradient; c_proj's weight gradient gets `a` rebuilt from it.
         with recompute_in_backward(a, lambda: self.act(h)):
             y = self.c_proj(a)

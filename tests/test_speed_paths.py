@@ -1,0 +1,79 @@
+"""The CPU training fast paths chosen by size and dtype (issue 18) compute what the plain paths compute."""
+
+import copy
+
+import torch
+
+import hf_gpt
+from hf_gpt.modeling_gpt import RECOMPUTE_ACTIVATION_MIN_WIDTH
+
+
+def _model(n_embd: int, **kw) -> hf_gpt.GPTForCausalLM:
+    torch.manual_seed(0)
+    cfg = hf_gpt.GPTConfig(vocab_size=50, n_positions=16, n_layer=2, n_head=4, n_embd=n_embd, **kw)
+    return hf_gpt.GPTForCausalLM(cfg).train()
+
+
+def _grads_and_saved_bytes(model: hf_gpt.GPTForCausalLM, ids: torch.Tensor) -> tuple[dict, int]:
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}, sum(saved)
+
+
+def test_activation_recompute_follows_width_and_keeps_the_gradients():
+    """Wide models rebuild the MLP activation in backward (less memory), narrow ones keep it (faster); both give
+    the same gradients."""
+    assert not _model(RECOMPUTE_ACTIVATION_MIN_WIDTH // 2).transformer.h[0].mlp.recompute
+    wide = _model(RECOMPUTE_ACTIVATION_MIN_WIDTH, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    assert all(b.mlp.recompute for b in wide.transformer.h)
+    keeping = copy.deepcopy(wide)
+    for b in keeping.transformer.h:
+        b.mlp.recompute = False
+    ids = torch.randint(0, 50, (3, 16))
+    g_re, saved_re = _grads_and_saved_bytes(wide, ids)
+    g_keep, saved_keep = _grads_and_saved_bytes(keeping, ids)
+    for name in g_re:
+        torch.testing.assert_close(g_re[name], g_keep[name], rtol=0, atol=1e-6, msg=name)
+    # One (B, T, 4C) fp32 activation per block is not kept (the hook sees the rebuilt recipe, not the tensor).
+    assert saved_keep - saved_re >= 2 * 3 * 16 * 4 * RECOMPUTE_ACTIVATION_MIN_WIDTH * 4
+
+
+def test_bf16_training_attention_written_out_equals_sdpa_on_cpu():
+    """bf16 training on CPU takes the written-out attention (SDPA's bf16 CPU backward is slow); its loss and
+    gradients match the fp32 (SDPA) step's to bf16 accuracy, and fp32 still goes through SDPA exactly."""
+    import hf_gpt.modeling_gpt as mg
+
+    model = _model(64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    ids = torch.randint(0, 50, (4, 16))
+    calls = []
+    real = mg.eager_attention_forward
+
+    def counting(*a, **k):
+        calls.append(a[1].dtype)
+        return real(*a, **k)
+
+    mg.eager_attention_forward = counting
+    try:
+        with torch.autocast("cpu", torch.bfloat16):
+            loss16 = model(input_ids=ids, labels=ids).loss
+        loss16.backward()
+        g16 = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+        assert calls == [torch.bfloat16] * 2  # both layers, written out
+        calls.clear()
+        loss32 = model(input_ids=ids, labels=ids).loss
+        loss32.backward()
+        assert calls == []  # fp32 keeps SDPA
+    finally:
+        mg.eager_attention_forward = real
+    assert abs(loss16.item() - loss32.item()) < 2e-2
+    for n, p in model.named_parameters():
+        scale = p.grad.abs().max().item() + 1e-6
+        assert (g16[n] - p.grad).abs().max().item() <= 0.05 * scale, n
