@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 
 import hf_gpt
-from training import train_lm
+from training import arguments
 
 
-def cpu_args(monkeypatch, features: set[str], *flags: str) -> train_lm.LMTrainingArguments:
+def cpu_args(monkeypatch, features: set[str], *flags: str) -> arguments.LMTrainingArguments:
     """LMTrainingArguments parsed from `flags` on a CPU that reports `features` (amx_tile, avx512_bf16)."""
-    monkeypatch.setattr(train_lm, "_cpu_has", lambda name: name in features)
-    monkeypatch.setattr(train_lm.torch.accelerator, "is_available", lambda: False)
-    return train_lm.parse_args(["--report_to", "none", *flags])[3]
+    monkeypatch.setattr(arguments, "_cpu_has", lambda name: name in features)
+    monkeypatch.setattr(arguments.torch.accelerator, "is_available", lambda: False)
+    return arguments.parse_args(["--report_to", "none", *flags])[3]
 
 
 def config(n_embd: int) -> hf_gpt.GPTConfig:
@@ -23,8 +23,8 @@ def config(n_embd: int) -> hf_gpt.GPTConfig:
     ("features", "n_embd", "bf16"),
     [
         ({"avx512_bf16"}, 128, False),  # the main job and nanoGPT's quick start: fp32 is faster there
-        ({"avx512_bf16"}, train_lm.CPU_BF16_MIN_WIDTH - 4, False),
-        ({"avx512_bf16"}, train_lm.CPU_BF16_MIN_WIDTH, True),
+        ({"avx512_bf16"}, arguments.CPU_BF16_MIN_WIDTH - 4, False),
+        ({"avx512_bf16"}, arguments.CPU_BF16_MIN_WIDTH, True),
         ({"avx512_bf16"}, 768, True),  # GPT-2 small
         ({"amx_tile", "avx512_bf16"}, 128, True),  # AMX: bf16 at every width
         (set(), 768, False),  # no native bf16

@@ -21,7 +21,8 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
 import hf_gpt
-from training import data, train_lm
+from training import arguments, checkpoints, data, train_lm
+from training.trainer import LMTrainer, NonFiniteLossError
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--precision", "fp32"]
@@ -102,7 +103,7 @@ def test_a_run_killed_mid_training_resumes_to_the_uninterrupted_result(tmp_path,
     assert proc.returncode == -signal.SIGKILL
     assert not (killed / "model.safetensors").exists() and not (killed / "log_history.json").exists()
 
-    left = train_lm.checkpoint_folders(killed)
+    left = checkpoints.checkpoint_folders(killed)
     start = int(left[0].name.split("-")[1])
     done = max(logged_steps(killed))
     assert 20 <= start <= done < steps  # killed mid-run, after two checkpoints
@@ -130,7 +131,7 @@ def stopped_run(tmp_path_factory, text_file, cache) -> tuple[Path, list[str]]:
     ]  # fmt: skip
     out = tmp_path_factory.mktemp("stopped") / "run"
     train(out, *common, "--stop_after_steps", "4", cache=cache)
-    assert [p.name for p in train_lm.checkpoint_folders(out)] == ["checkpoint-4", "checkpoint-2"]
+    assert [p.name for p in checkpoints.checkpoint_folders(out)] == ["checkpoint-4", "checkpoint-2"]
     return out, common
 
 
@@ -148,8 +149,8 @@ def test_resume_skips_a_truncated_checkpoint_with_a_warning(tmp_path, stopped_ru
     with pytest.warns(UserWarning, match=r"Skipping .*checkpoint-4 on resume: model.safetensors is unreadable"):
         train(out, *stopped_run[1], "--resume_from_checkpoint", "last", cache=cache)
     assert logged_steps(out) == [1, 2, 3, 4, 3, 4, 5, 6]  # the resumed run started after step 2
-    assert [p.name for p in train_lm.checkpoint_folders(out)] == ["checkpoint-6", "checkpoint-4"]
-    assert train_lm.checkpoint_problem(out / "checkpoint-4") is None  # the broken one was replaced
+    assert [p.name for p in checkpoints.checkpoint_folders(out)] == ["checkpoint-6", "checkpoint-4"]
+    assert checkpoints.checkpoint_problem(out / "checkpoint-4") is None  # the broken one was replaced
 
 
 def test_a_save_that_dies_halfway_leaves_no_checkpoint_folder(tmp_path, stopped_run, cache, monkeypatch):
@@ -160,12 +161,12 @@ def test_a_save_that_dies_halfway_leaves_no_checkpoint_folder(tmp_path, stopped_
     def crash(self, output_dir):
         raise KeyboardInterrupt("killed while saving")
 
-    monkeypatch.setattr(train_lm.LMTrainer, "_save_rng_state", crash)
+    monkeypatch.setattr(LMTrainer, "_save_rng_state", crash)
     with pytest.raises(KeyboardInterrupt):
         train(out, *stopped_run[1], "--resume_from_checkpoint", "last", cache=cache)
-    assert (out / train_lm.STAGING / "checkpoint-6" / "model.safetensors").is_file()
+    assert (out / checkpoints.STAGING / "checkpoint-6" / "model.safetensors").is_file()
     assert not (out / "checkpoint-6").exists()
-    assert train_lm.resolve_resume("last", out) == out / "checkpoint-4"
+    assert checkpoints.resolve_resume("last", out) == out / "checkpoint-4"
 
 
 @pytest.mark.parametrize(
@@ -180,29 +181,29 @@ def test_a_save_that_dies_halfway_leaves_no_checkpoint_folder(tmp_path, stopped_
 )  # fmt: skip
 def test_checkpoint_problems_are_found_and_named(tmp_path, stopped_run, damage, reason):
     out = copy_run(stopped_run, tmp_path)
-    assert train_lm.checkpoint_problem(out / "checkpoint-4") is None
+    assert checkpoints.checkpoint_problem(out / "checkpoint-4") is None
     damage(out / "checkpoint-4")
-    assert reason in train_lm.checkpoint_problem(out / "checkpoint-4")
+    assert reason in checkpoints.checkpoint_problem(out / "checkpoint-4")
     with pytest.warns(UserWarning, match=rf"checkpoint-4 on resume: .*{reason}"):
-        assert train_lm.resolve_resume(str(out), out) == out / "checkpoint-2"  # a run folder: its newest usable
+        assert checkpoints.resolve_resume(str(out), out) == out / "checkpoint-2"  # a run folder: its newest usable
     with pytest.raises(ValueError, match=rf"cannot resume from .*checkpoint-4: .*{reason}.*'last'"):
-        train_lm.resolve_resume(str(out / "checkpoint-4"), out)  # that one folder, asked for by name
+        checkpoints.resolve_resume(str(out / "checkpoint-4"), out)  # that one folder, asked for by name
 
 
 def test_resume_without_a_usable_checkpoint_is_a_clear_error(tmp_path, stopped_run):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match=r"nothing to resume in .*empty: it holds no checkpoint-N folder"):
-        train_lm.resolve_resume("last", empty)
+        checkpoints.resolve_resume("last", empty)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        train_lm.resolve_resume("last", tmp_path / "nowhere")
+        checkpoints.resolve_resume("last", tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="no such folder"):
-        train_lm.resolve_resume(str(tmp_path / "nowhere"), empty)
+        checkpoints.resolve_resume(str(tmp_path / "nowhere"), empty)
     out = copy_run(stopped_run, tmp_path)
-    for ckpt in train_lm.checkpoint_folders(out):
+    for ckpt in checkpoints.checkpoint_folders(out):
         (ckpt / "trainer_state.json").unlink()
     with pytest.warns(UserWarning), pytest.raises(FileNotFoundError, match="every checkpoint there is broken"):
-        train_lm.resolve_resume("last", out)
+        checkpoints.resolve_resume("last", out)
 
 
 # ---- non-finite loss --------------------------------------------------------------------------------
@@ -226,12 +227,12 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, t
         "--train_file", str(text_file), *TINY, "--max_steps", "8", "--save_steps", "2", "--logging_steps", "4",
         "--save_total_limit", "1", "--per_device_train_batch_size", "4", *NO_EVAL, *QUIET,
     ]  # fmt: skip
-    with pytest.raises(train_lm.NonFiniteLossError, match=r"loss became nan at step 5: .*last good checkpoint is"):
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan at step 5: .*last good checkpoint is"):
         train(out, *args, cache=cache, callbacks=[PoisonAfterSave(4)])
     # Checked at every step, though logged every 4: nothing after step 4 was saved, and no final model.
-    assert [p.name for p in train_lm.checkpoint_folders(out)] == ["checkpoint-4"]
-    assert not (out / "model.safetensors").exists() and not (out / train_lm.STAGING / "checkpoint-6").exists()
-    assert train_lm.checkpoint_problem(out / "checkpoint-4") is None
+    assert [p.name for p in checkpoints.checkpoint_folders(out)] == ["checkpoint-4"]
+    assert not (out / "model.safetensors").exists() and not (out / checkpoints.STAGING / "checkpoint-6").exists()
+    assert checkpoints.checkpoint_problem(out / "checkpoint-4") is None
     model = hf_gpt.GPTForCausalLM.from_pretrained(out / "checkpoint-4")
     assert all(torch.isfinite(p).all() for p in model.parameters())
     ids = torch.tensor([[1, 2, 3, 4]])
@@ -253,7 +254,7 @@ def test_the_command_line_exits_nonzero_with_the_message_when_the_loss_diverges(
     message = result.stderr.strip().splitlines()[-1]
     assert "NonFiniteLossError: The training loss became nan at step 2:" in message
     assert f"last good checkpoint is {out / 'checkpoint-1'}" in message and "--learning_rate (now 1e+30)" in message
-    assert [p.name for p in train_lm.checkpoint_folders(out)] == ["checkpoint-1"]
+    assert [p.name for p in checkpoints.checkpoint_folders(out)] == ["checkpoint-1"]
 
 
 # ---- corpus errors ----------------------------------------------------------------------------------
@@ -302,8 +303,8 @@ def test_block_size_beyond_the_model_positions_is_an_error(tmp_path):
     tok = data.char_tokenizer(["abc"])
     base = tmp_path / "base"
     hf_gpt.GPTForCausalLM(hf_gpt.GPTConfig(vocab_size=len(tok), n_positions=16, n_embd=8, n_layer=1, n_head=2)).save_pretrained(base)  # fmt: skip
-    margs = train_lm.ModelArguments(model_name_or_path=str(base))
+    margs = arguments.ModelArguments(model_name_or_path=str(base))
     with pytest.raises(ValueError, match="--block_size 32 exceeds the checkpoint's n_positions 16"):
         train_lm.build_model(margs, 32, tok)
     with pytest.raises(ValueError, match="--block_size 2048 exceeds preset gpt2's n_positions 1024"):
-        train_lm.build_model(train_lm.ModelArguments(preset="gpt2"), 2048, tok)
+        train_lm.build_model(arguments.ModelArguments(preset="gpt2"), 2048, tok)

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 import hf_gpt
-from training import data, train_lm
+from training import arguments, data, train_lm
+from training.trainer import LMTrainer
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32"]
@@ -61,8 +62,8 @@ def test_tiny_run_on_the_shakespeare_corpus(tmp_path, datasets_cache):
     assert info["world_size"] == 1 and info["num_parameters"] > 0 and info["data_args"]["block_size"] == 32
     assert info["git_revision"] is None or len(info["git_revision"]) >= 40
     assert info["training_args"]["lr_scheduler_type"] == "cosine" and info["training_args"]["max_steps"] == 40
-    # Width 32: `--precision auto` picks bf16 on a CPU only with AMX (see train_lm.CPU_BF16_MIN_WIDTH).
-    assert info["precision"] == ("bf16" if train_lm._cpu_has("amx_tile") else "fp32")
+    # Width 32: `--precision auto` picks bf16 on a CPU only with AMX (see arguments.CPU_BF16_MIN_WIDTH).
+    assert info["precision"] == ("bf16" if arguments._cpu_has("amx_tile") else "fp32")
     losses = train_losses(out)
     assert losses[40] < losses[1] - 0.5  # the loss falls
     assert m["eval_loss_step0"] > m["eval_loss"] + 0.5 and 1.0 < m["perplexity"] < 40.0
@@ -151,7 +152,7 @@ def test_gradient_accumulation_matches_the_full_batch_and_plain_sgd(tmp_path, te
     )  # fmt: skip
 
     # The same eight blocks, and the update a plain SGD step makes with the mean loss over all their tokens.
-    dargs = train_lm.DataArguments(train_file=[str(text_file)], block_size=32)
+    dargs = arguments.DataArguments(train_file=[str(text_file)], block_size=32)
     raw, _, _ = train_lm.load_raw_datasets(dargs, datasets_cache)
     blocks = train_lm.pack_datasets(raw, tok, dargs, "text")["train"].select(range(8))
     model = hf_gpt.GPTForCausalLM.from_pretrained(init)
@@ -233,9 +234,9 @@ def test_world_size_guard_refuses_processes_that_train_alone(monkeypatch):
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RuntimeError, match=r"started 2 processes .* world size 1.*torchrun"):
-        train_lm.check_world_size(Alone())
+        arguments.check_world_size(Alone())
     monkeypatch.setenv("WORLD_SIZE", "1")
-    assert train_lm.check_world_size(Alone()) == 1
+    assert arguments.check_world_size(Alone()) == 1
 
 
 def test_fine_tuning_a_gpt2_checkpoint(tmp_path, text_file, datasets_cache, gpt2_tok):
@@ -262,8 +263,8 @@ def test_fine_tuning_a_gpt2_checkpoint(tmp_path, text_file, datasets_cache, gpt2
 
 def test_weight_decay_goes_to_matrices_only(tmp_path):
     model = hf_gpt.GPTForCausalLM(hf_gpt.GPTConfig(vocab_size=16, n_positions=8, n_embd=8, n_layer=1, n_head=2))
-    args = train_lm.LMTrainingArguments(output_dir=str(tmp_path), report_to="none", eval_strategy="no")
-    decayed = set(train_lm.LMTrainer(model=model, args=args).get_decay_parameter_names(model))
+    args = arguments.LMTrainingArguments(output_dir=str(tmp_path), report_to="none", eval_strategy="no")
+    decayed = set(LMTrainer(model=model, args=args).get_decay_parameter_names(model))
     names = {n for n, _ in model.named_parameters()}
     assert decayed == {n for n, p in model.named_parameters() if p.dim() == 2}
     assert {"transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.attn.c_attn.weight"} <= decayed
