@@ -23,14 +23,14 @@ DEFAULT_SIZES = dict(n_layer=4, n_head=4, n_embd=128)
 SHAKESPEARE_PROMPTS = ["ROMEO.\n", "KING HENRY.\n", "First Citizen.\n"]
 
 # `--precision auto` on a CPU with AVX512-BF16 but no AMX: bf16 autocast only for models at least this wide. A narrow
-# model's matmuls are small, so bf16 gains little on them, while autocast's casts of every activation and weight
-# cost as much per element as at any width. A whole training step (forward, backward, clipping, fused AdamW), fp32
-# against bf16 autocast, measured side by side on the project's 2-core AMD EPYC (Zen 4): width 128 (the main job,
-# nanoGPT's quick start) 60.4 vs 64.3 ms at 12 x 64 tokens, 159.8 vs 165.8 ms at 24 x 128 (issue 18 measured
-# nanoGPT's recipe 8-23% slower in bf16 end to end); width 256 139.6 vs 99.1 ms at 12 x 64, 534 vs 503 ms at
-# 24 x 128; GPT-2 small (768) 1.4-1.7x faster in bf16 (`hf-gpt bench`, README "Speed"). AMX computes bf16 several
-# times faster than fp32 (not measured here): CPUs with it keep bf16 at every width.
-CPU_BF16_MIN_WIDTH = 256
+# model's matmuls are small, so bf16 gains little on them, while autocast's casts of every activation cost as much
+# per element at any width. Whole training steps (forward, backward, clipping, fused AdamW), fp32 against bf16
+# autocast, side by side on the project's 2-core AMD EPYC (Zen 4), 4 layers, since bf16 training attention is
+# written out (5e4ffa6): width 32 14.2 vs 14.3 ms (12 x 64 tokens); 64 18.2 vs 17.2 ms; 128 (nanoGPT's quick start)
+# 44.4 vs 31.0 ms, and 161.8 vs 96.8 ms at 24 x 128 (the main job); 256 132.5 vs 80.3 ms; GPT-2 small (768)
+# 1.4-1.7x faster in bf16 (`hf-gpt bench`). AMX computes bf16 several times faster than fp32 (not measured here):
+# CPUs with it keep bf16 at every width.
+CPU_BF16_MIN_WIDTH = 64
 
 
 @dataclass
