@@ -169,32 +169,6 @@ def test_gradient_accumulation_matches_the_full_batch_and_plain_sgd(tmp_path, te
             torch.testing.assert_close(accum[name], full[name], rtol=0, atol=2e-6, msg=name)
 
 
-def test_resuming_from_a_checkpoint_reproduces_the_uninterrupted_run(tmp_path, text_file, datasets_cache):
-    """Stop after 4 of 8 steps, resume from checkpoint-4: same losses and weights as 8 steps in one go.
-
-    Dropout stays on (0.1), so the restored RNG state matters. Tolerance: 1e-6 absolute (fp32, CPU).
-    """
-    common = [
-        "--train_file", str(text_file), *TINY, "--precision", "fp32", "--max_steps", "8", "--save_steps", "4",
-        "--logging_steps", "1", "--eval_steps", "8", "--max_eval_samples", "8", "--per_device_train_batch_size", "4",
-        *QUIET,
-    ]  # fmt: skip
-    train(tmp_path / "straight", *common, cache=datasets_cache)
-    stopped = train(tmp_path / "split", *common, "--stop_after_steps", "4", cache=datasets_cache)
-    assert stopped["metrics"]["global_step"] == 4 and (tmp_path / "split" / "checkpoint-4").is_dir()
-    with pytest.raises(FileExistsError, match="resume_from_checkpoint"):
-        train(tmp_path / "split", *common, cache=datasets_cache)  # not mixed into the earlier run by accident
-    resumed = train(tmp_path / "split", *common, "--resume_from_checkpoint", "last", cache=datasets_cache)
-
-    straight, split = train_losses(tmp_path / "straight"), train_losses(tmp_path / "split")
-    assert sorted(split) == list(range(1, 9))  # history restored from the checkpoint, then continued
-    for step in range(1, 9):
-        assert abs(split[step] - straight[step]) < 1e-6, step
-    assert resumed["metrics"]["global_step"] == 8
-    a, b = params(tmp_path / "straight"), params(tmp_path / "split")
-    assert max((a[n] - b[n]).abs().max().item() for n in a) < 1e-6
-
-
 def test_two_cpu_processes_form_one_group_and_match_one_process(tmp_path, text_file, datasets_cache):
     """torchrun with 2 processes (gloo) x 4 blocks vs 1 process x 8 blocks: one group, the same loss curve.
 

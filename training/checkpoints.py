@@ -82,6 +82,13 @@ def last_usable_checkpoint(run: Path, warn: bool = True) -> Path | None:
     return None
 
 
+def checkpoint_step(folder: Path | str | None) -> int:
+    """The optimizer step a checkpoint was saved at (its trainer_state.json's global_step); 0 for None."""
+    if folder is None:
+        return 0
+    return int(json.loads((Path(folder) / "trainer_state.json").read_text(encoding="utf-8"))["global_step"])
+
+
 def _fsync(path: Path) -> None:
     """Flush a file, or a folder's entries, to disk, so that a rename publishes data that survives a power cut."""
     try:

@@ -160,6 +160,16 @@ def write_run_info(info: dict, out: Path) -> None:
     (out / "run_info.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
 
 
+def report_written(out: Path, step: int) -> bool:
+    """Whether the run folder holds the final model and the report of a run that ended at `step`. run_info.json
+    gets its metrics last, after the model, samples, history and loss curve."""
+    try:
+        metrics = json.loads((out / "run_info.json").read_text(encoding="utf-8"))["metrics"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return metrics.get("global_step") == step and (out / "config.json").is_file()
+
+
 def final_evaluation(trainer: Trainer, eval_ds, full_eval) -> dict:
     """The held-out split in full at the final step: the last evaluation logged if it was exactly that, else a new one."""
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
@@ -169,9 +179,16 @@ def final_evaluation(trainer: Trainer, eval_ds, full_eval) -> dict:
 
 
 def final_metrics(
-    trainer: Trainer, result: TrainOutput, last_eval: dict, block_size: int, world_size: int, validation_blocks: int
+    trainer: Trainer,
+    result: TrainOutput,
+    last_eval: dict,
+    block_size: int,
+    world_size: int,
+    validation_blocks: int,
+    resumed_at: int = 0,
 ) -> dict:
-    """run_info.json's metrics: the final validation loss and perplexity, step 0's, the training loss and tokens."""
+    """run_info.json's metrics: the final validation loss and perplexity, step 0's, the training loss and tokens.
+    `resumed_at` is the step training resumed from: the mean training loss is that of the steps trained since."""
     args, history, steps = trainer.args, trainer.state.log_history, trainer.state.global_step
     tokens_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size * block_size
     losses = [h["loss"] for h in history if "loss" in h]
@@ -180,7 +197,7 @@ def final_metrics(
         "perplexity": perplexity(last_eval["eval_loss"]),
         "eval_loss_step0": next((h["eval_loss"] for h in history if "eval_loss" in h and h["step"] == 0), None),
         "train_loss": losses[-1] if losses else result.training_loss,
-        "train_loss_mean": result.training_loss,
+        "train_loss_mean": result.training_loss if steps > resumed_at else None,
         "train_runtime_s": result.metrics.get("train_runtime"),
         "train_tokens": steps * tokens_per_step,
         "global_step": steps,

@@ -20,7 +20,9 @@ model card.
 
 Checkpoints are written into a hidden staging folder and renamed into place once complete, so a killed run
 never leaves a half-written `checkpoint-N/`; resuming checks every file of a checkpoint and skips broken
-ones with a warning. A non-finite training loss stops the run before anything is saved from that state.
+ones with a warning. Resuming a run that has reached its last step trains no further step: with its final model
+and report written it changes nothing (raise --max_steps to train on), else it writes them. A non-finite training
+loss stops the run before anything is saved from that state.
 """
 
 from __future__ import annotations
@@ -49,11 +51,12 @@ from training.arguments import (
     check_world_size,
     parse_args,
 )
-from training.checkpoints import prepare_output_dir
+from training.checkpoints import checkpoint_step, prepare_output_dir
 from training.report import (
     final_evaluation,
     final_metrics,
     hardware,
+    report_written,
     run_info,
     save_final_model,
     write_report,
@@ -276,8 +279,6 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     logger.info(
         "Model: %s parameters, %s; world size %d; %s", f"{info['num_parameters']:,}", precision, world_size, hardware()
     )
-    if targs.process_index == 0:
-        write_run_info(info, out)
 
     # Training, resumed from a checkpoint when asked.
     callbacks = [JsonlLogger(out / "logs.jsonl"), *(callbacks or [])]
@@ -292,12 +293,27 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    resumed_at, end = checkpoint_step(resume), trainer.final_step()
+    if resumed_at >= end:  # the run finished already: Trainer would train one step more
+        if report_written(out, resumed_at):
+            if targs.process_index == 0:
+                logger.warning(
+                    "Nothing to do: %s is at step %d and this run ends at step %d; %s already holds its final model "
+                    "and report. Raise --max_steps to train further.", resume, resumed_at, end, out,
+                )  # fmt: skip
+            return 0
+        logger.info("%s is at step %d, the last: writing its final model and report, training none.", resume, end)
+        targs.eval_on_start = False
+    if targs.process_index == 0:
+        write_run_info(info, out)
     result = trainer.train(resume_from_checkpoint=resume)
     save_final_model(trainer, tokenizer, out)
 
     # Report: the whole held-out split evaluated at the final step, samples, loss curve, run_info.json, model card.
     last_eval = final_evaluation(trainer, eval_ds, full_eval)
-    info["metrics"] = final_metrics(trainer, result, last_eval, dargs.block_size, world_size, len(full_eval))
+    info["metrics"] = final_metrics(
+        trainer, result, last_eval, dargs.block_size, world_size, len(full_eval), resumed_at=resumed_at
+    )
     if trainer.is_world_process_zero():
         write_report(trainer, tokenizer, sargs, info, out, started)
     return 0

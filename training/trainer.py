@@ -1,9 +1,10 @@
 """`LMTrainer`, transformers' `Trainer` with what `hf-gpt train` adds, and its two callbacks.
 
 LMTrainer decays matrices only (nanoGPT's rule), logs perplexity next to every evaluation loss, writes checkpoints
-aside and renames them into place (see `training.checkpoints`), and stops with `NonFiniteLossError` at the first
-nan or inf training loss, before anything is saved from that state. `JsonlLogger` appends every log record to
-`logs.jsonl` as it happens; `StopAfter` ends training early as if interrupted (`--stop_after_steps`).
+aside and renames them into place (see `training.checkpoints`), stops with `NonFiniteLossError` at the first nan or
+inf training loss, before anything is saved from that state, and, resumed at its last step, trains no step more.
+`JsonlLogger` appends every log record to `logs.jsonl` as it happens; `StopAfter` ends training early as if
+interrupted (`--stop_after_steps`).
 """
 
 from __future__ import annotations
@@ -85,6 +86,22 @@ class LMTrainer(Trainer):
             + (f"; or start afresh from its weights with --model_name_or_path {good}." if good is not None else ".")
         )
 
+    def final_step(self) -> int:
+        """The optimizer step this training ends at: --max_steps (or the steps --num_train_epochs make of the
+        data), or that of a `StopAfter` callback if it comes first."""
+        steps = self.args.max_steps
+        if steps <= 0:
+            steps = self.set_initial_training_values(self.args, self.get_train_dataloader())[-1]
+        return min([steps, *(cb.steps for cb in self.callback_handler.callbacks if isinstance(cb, StopAfter))])
+
+    def _run_epoch(self, *args, **kwargs) -> None:
+        # Trainer looks for the end of training only after an optimizer step: resumed from a checkpoint that is at
+        # (or past) the last step, it would train one step more, save it and report new final metrics. Train none.
+        if self.state.global_step >= self.state.max_steps or self.control.should_training_stop:
+            self.control.should_training_stop = True
+            return
+        super()._run_epoch(*args, **kwargs)
+
     def _get_output_dir(self, trial) -> str:
         run_dir = super()._get_output_dir(trial)
         return os.path.join(run_dir, STAGING) if self._staging else run_dir
@@ -141,6 +158,11 @@ class StopAfter(TrainerCallback):
 
     def __init__(self, steps: int) -> None:
         self.steps = steps
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step >= self.steps:  # resumed at or past that step: train none
+            control.should_training_stop = True
+        return control
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step >= self.steps:
