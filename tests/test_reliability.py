@@ -1,5 +1,6 @@
-"""Reliability of training (issue 7): a killed run resumes to the same result, broken checkpoints are skipped,
-a non-finite loss stops the run without saving, and bad corpus files stop it with an error that names them.
+"""Reliability of training (issue 7): a run killed twice (once in a save) resumes to the same result, broken
+checkpoints are skipped, a non-finite loss stops the run without saving, and bad corpus files stop it with an error
+that names them.
 
 Tiny models (2 layers of 32, blocks of 32, fp32) so each run takes seconds; tolerances are stated where asserted.
 """
@@ -13,6 +14,8 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
 import hf_gpt
+from hf_gpt import cli
 from training import arguments, checkpoints, data, train_lm
 from training.trainer import LMTrainer, NonFiniteLossError
 
@@ -75,48 +79,91 @@ def max_weight_difference(a: Path, b: Path) -> float:
 # ---- killed and resumed -----------------------------------------------------------------------------
 
 
-def test_a_run_killed_mid_training_resumes_to_the_uninterrupted_result(tmp_path, text_file, cache):
-    """SIGKILL a real training process between checkpoints (save every 10 steps, killed at step 25 or soon after),
-    resume with `last`: the final loss and weights equal an uninterrupted run's. Dropout is on, so the restored RNG
-    state matters; the steps after the checkpoint are trained again.
+# `hf-gpt train` in a process that stops dead where a test kills it, chosen by $STALL: "step:N" after optimizer step
+# N, "save" inside the first checkpoint save once the weights and optimizer are written (before the RNG and trainer
+# states). It touches `stalled` there (the run folder, or the checkpoint's staging folder) and sleeps until killed.
+STALLING_TRAIN = """
+import os, sys, time
+from pathlib import Path
+from transformers import TrainerCallback
+from training import train_lm
+from training.trainer import LMTrainer
 
-    Tolerance: 1e-5 absolute on the final logged loss and on every weight (fp32, one thread both ways).
-    """
-    steps = 150
-    common = [
-        "--train_file", str(text_file), *TINY, "--dropout", "0.1", "--max_steps", str(steps), "--save_steps", "10",
-        "--logging_steps", "1", "--per_device_train_batch_size", "4", *NO_EVAL, *QUIET,
-    ]  # fmt: skip
-    train(tmp_path / "straight", *common, cache=cache)  # also fills the datasets cache the subprocess reads
+def stall(folder):
+    Path(folder, "stalled").touch()
+    time.sleep(600)
 
-    killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "training.train_lm", "--output_dir", str(killed), "--data_cache_dir", cache, *common]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120  # kill it between two checkpoints: step 25 or soon after
-    while last_logged_step(killed) < 25 and proc.poll() is None and time.monotonic() < deadline:
+class StallAfterStep(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if os.environ["STALL"] == f"step:{state.global_step}":
+            stall(args.output_dir)
+
+if os.environ["STALL"] == "save":
+    LMTrainer._save_rng_state = lambda self, output_dir: stall(output_dir)
+sys.exit(train_lm.main(sys.argv[1:], callbacks=[StallAfterStep()]))
+"""
+
+
+def start_stalling_run(out: Path, stall: str, *args: str, cache: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-c", STALLING_TRAIN, "--output_dir", str(out), "--data_cache_dir", cache, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(REPO), "STALL": stall}
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def kill(proc: subprocess.Popen, when: Callable[[], bool]) -> None:
+    """SIGKILL `proc` as soon as `when()` holds (polled every 10 ms); fails if the process ended before."""
+    deadline = time.monotonic() + 300
+    while not when() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     alive = proc.poll() is None
     os.kill(proc.pid, signal.SIGKILL)
     stderr = proc.communicate()[1]
     assert alive, f"the run ended before it could be killed (exit {proc.returncode}):\n{stderr[-3000:]}"
     assert proc.returncode == -signal.SIGKILL
-    assert not (killed / "model.safetensors").exists() and not (killed / "log_history.json").exists()
 
-    left = checkpoints.checkpoint_folders(killed)
-    start = int(left[0].name.split("-")[1])
-    done = max(logged_steps(killed))
-    assert 20 <= start <= done < steps  # killed mid-run, after two checkpoints
-    train(killed, *common, "--resume_from_checkpoint", "last", cache=cache)
 
-    written = logged_steps(killed)
-    resumed = written[written.index(done) + 1 :]  # what the resumed process logged
-    assert resumed == list(range(start + 1, steps + 1))  # from the newest complete checkpoint on
-    a, b = final_loss(tmp_path / "straight"), final_loss(killed)
-    diff = max_weight_difference(tmp_path / "straight", killed)
-    print(f"\nkilled after step {done}, resumed from step {start}: final loss {b:.6f} vs uninterrupted {a:.6f}, "
-          f"largest weight difference {diff:.1e}")  # fmt: skip
-    assert abs(a - b) < 1e-5 and diff < 1e-5
+@pytest.mark.slow
+def test_a_run_killed_twice_resumes_to_the_uninterrupted_result(tmp_path, text_file, cache):
+    """Two real training processes are SIGKILLed: the first between checkpoints (saved every 10 steps), at step 25
+    or soon after (it stalls at step 35 if the kill has not landed by then); the second, resumed from its newest
+    checkpoint, inside the save of the next one, after the weights and optimizer are written. That checkpoint never
+    appears (its files stay in the staging folder); resuming with `last` again takes the newest complete one, and
+    the final loss and weights equal an uninterrupted run's. Dropout is on, so the restored RNG state matters.
+
+    Tolerance: 1e-6 absolute on the final logged loss and on every weight (fp32, one thread both ways).
+    """
+    steps = 40
+    common = [
+        "--train_file", str(text_file), *TINY, "--dropout", "0.1", "--max_steps", str(steps), "--save_steps", "10",
+        "--logging_steps", "1", "--per_device_train_batch_size", "4", *NO_EVAL, *QUIET,
+    ]  # fmt: skip
+    train(tmp_path / "straight", *common, cache=cache)  # also fills the datasets cache the subprocesses read
+
+    run = tmp_path / "run"
+    kill(start_stalling_run(run, "step:35", *common, cache=cache), lambda: last_logged_step(run) >= 25)
+    assert not (run / "model.safetensors").exists() and not (run / "log_history.json").exists()
+    start = int(checkpoints.checkpoint_folders(run)[0].name.split("-")[1])
+    first = logged_steps(run)
+    assert 20 <= start <= first[-1] < steps and first == list(range(1, first[-1] + 1))  # killed between checkpoints
+
+    staged = run / checkpoints.STAGING / f"checkpoint-{start + 10}"
+    resumed = start_stalling_run(run, "save", *common, "--resume_from_checkpoint", "last", cache=cache)
+    kill(resumed, lambda: (staged / "stalled").exists())
+    assert {"model.safetensors", "optimizer.pt"} <= {p.name for p in staged.iterdir()}
+    assert not (staged / "trainer_state.json").exists() and not (run / f"checkpoint-{start + 10}").exists()
+    assert checkpoints.resolve_resume("last", run) == run / f"checkpoint-{start}"
+    second = logged_steps(run)[len(first) :]
+    assert second == list(range(start + 1, start + 11))  # logged up to the step being saved
+
+    train(run, *common, "--resume_from_checkpoint", "last", cache=cache)
+    assert logged_steps(run)[len(first) + len(second) :] == list(range(start + 1, steps + 1))
+    assert [p.name for p in checkpoints.checkpoint_folders(run)] == [f"checkpoint-{steps}", f"checkpoint-{steps - 10}"]
+    assert not (run / checkpoints.STAGING).exists()  # what the killed save left was cleared
+    a, b = final_loss(tmp_path / "straight"), final_loss(run)
+    diff = max_weight_difference(tmp_path / "straight", run)
+    print(f"\nkilled after step {first[-1]}, then in the save of step {start + 10}; resumed from step {start} "
+          f"twice: final loss {b:.6f} vs uninterrupted {a:.6f}, largest weight difference {diff:.1e}")  # fmt: skip
+    assert abs(a - b) < 1e-6 and diff < 1e-6
 
 
 # ---- broken checkpoints -----------------------------------------------------------------------------
@@ -130,7 +177,12 @@ def stopped_run(tmp_path_factory, text_file, cache) -> tuple[Path, list[str]]:
         "--per_device_train_batch_size", "4", *NO_EVAL, *QUIET,
     ]  # fmt: skip
     out = tmp_path_factory.mktemp("stopped") / "run"
-    train(out, *common, "--stop_after_steps", "4", cache=cache)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as `one_thread` does for the tests, which start after this module's fixture
+    try:
+        train(out, *common, "--stop_after_steps", "4", cache=cache)
+    finally:
+        torch.set_num_threads(threads)
     assert [p.name for p in checkpoints.checkpoint_folders(out)] == ["checkpoint-4", "checkpoint-2"]
     return out, common
 
@@ -239,19 +291,18 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, t
     assert torch.isfinite(model(ids, labels=ids).loss)
 
 
-def test_the_command_line_exits_nonzero_with_the_message_when_the_loss_diverges(tmp_path, text_file, cache):
-    """A learning rate of 1e30 (fp32): weights of ~1e30 after step 1 overflow in step 2's forward."""
+def test_the_command_line_stops_with_the_message_when_the_loss_diverges(tmp_path, text_file, cache):
+    """A learning rate of 1e30 (fp32): weights of ~1e30 after step 1 overflow in step 2's forward. `hf-gpt train`
+    lets the error through, so the process exits non-zero with the message as its traceback's last line: the line
+    `format_exception_only` gives (run in this process: starting one costs about 7 CPU seconds of imports)."""
     out = tmp_path / "run"
-    cmd = [
-        sys.executable, "-m", "training.train_lm", "--output_dir", str(out), "--data_cache_dir", cache,
-        "--train_file", str(text_file), *TINY, "--learning_rate", "1e30", "--lr_scheduler_type", "constant",
-        "--warmup_steps", "0", "--max_grad_norm", "0", "--max_steps", "10", "--save_steps", "1",
-        "--per_device_train_batch_size", "4", *NO_EVAL, *QUIET,
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(REPO)}
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0
-    message = result.stderr.strip().splitlines()[-1]
+    with pytest.raises(NonFiniteLossError) as error:
+        cli.main([
+            "train", "--output_dir", str(out), "--data_cache_dir", cache, "--train_file", str(text_file), *TINY,
+            "--learning_rate", "1e30", "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--max_grad_norm", "0",
+            "--max_steps", "10", "--save_steps", "1", "--per_device_train_batch_size", "4", *NO_EVAL, *QUIET,
+        ])  # fmt: skip
+    message = traceback.format_exception_only(error.value)[-1]
     assert "NonFiniteLossError: The training loss became nan at step 2:" in message
     assert f"last good checkpoint is {out / 'checkpoint-1'}" in message and "--learning_rate (now 1e+30)" in message
     assert [p.name for p in checkpoints.checkpoint_folders(out)] == ["checkpoint-1"]
