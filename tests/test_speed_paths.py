@@ -124,3 +124,26 @@ def test_training_keeps_freed_memory_in_the_heap_on_glibc():
         check=True,
     ).stdout.split()
     assert out == ["1", "True", "0"]
+
+
+def test_hf_gpt_train_on_cpu_sets_the_allocator_before_training(monkeypatch, tmp_path, text_file):
+    """`hf-gpt train` on CPU calls `keep_freed_memory_for_reuse` once, before the first training step."""
+    from transformers import TrainerCallback
+
+    from training import train_lm
+
+    events = []
+    monkeypatch.setattr(train_lm, "keep_freed_memory_for_reuse", lambda: events.append("allocator") or True)
+
+    class FirstStep(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            events.append("step")
+
+    argv = [
+        "--output_dir", str(tmp_path / "run"), "--train_file", str(text_file), "--data_cache_dir", str(tmp_path / "cache"),
+        "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--max_steps", "2",
+        "--eval_strategy", "no", "--eval_on_start", "false", "--save_strategy", "no", "--num_samples", "0",
+        "--report_to", "none",
+    ]  # fmt: skip
+    assert train_lm.main(argv, callbacks=[FirstStep()]) == 0
+    assert events == ["allocator", "step", "step"]

@@ -43,6 +43,7 @@ from transformers import AutoTokenizer, TrainerCallback, default_data_collator, 
 import hf_gpt
 from hf_gpt.tokenization import END_OF_TEXT, GPT2_VOCAB_SIZE
 from training import data
+from training.allocator import keep_freed_memory_for_reuse
 from training.arguments import (
     DEFAULT_SIZES,
     DataArguments,
@@ -281,6 +282,8 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     )
 
     # Training, resumed from a checkpoint when asked.
+    if targs.device.type == "cpu":
+        keep_freed_memory_for_reuse()  # each step then reuses the memory the one before freed (allocator.py)
     callbacks = [JsonlLogger(out / "logs.jsonl"), *(callbacks or [])]
     if targs.stop_after_steps is not None:
         callbacks.append(StopAfter(targs.stop_after_steps))
