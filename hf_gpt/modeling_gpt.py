@@ -1,19 +1,16 @@
 """The GPT family (GPT-1, GPT-2, GPT-3 style) as a native transformers model.
 
-Reads top to bottom: attention masks, attention, MLP, block, GPTPreTrainedModel, GPTModel, GPTForCausalLM,
-then the task heads. The speed and memory helpers (the training loss without logits, recomputation in
-backward, one-row CPU matmuls, and `Linear` / `Dropout`: `nn.Linear` / `nn.Dropout` with faster CPU kernels)
-are in `ops.py`.
-Parameter names follow OpenAI's GPT-2 (`wte`, `wpe`, `h.N.attn.c_attn`, `ln_f`, ...), stored as
-`nn.Linear` (out, in); GPT-2's `Conv1D` checkpoints are (in, out), so loading them is a key copy plus a
-transpose (see `conversion.py`).
+In transformers' order: attention, MLP, block, GPTPreTrainedModel, GPTModel, GPTForCausalLM, the task heads. Parameter
+names follow OpenAI's GPT-2 (`wte`, `wpe`, `h.N.attn.c_attn`, `ln_f`, ...), stored as `nn.Linear` (out, in); GPT-2's
+`Conv1D` checkpoints are (in, out), so loading one is a key copy plus a transpose (see `conversion.py`).
+`ops.py` holds the speed and memory helpers (`Linear` / `Dropout`: `nn.Linear` / `nn.Dropout` with faster CPU kernels,
+the training loss without logits, recomputation in backward, one-row CPU matmuls); `interface.py` the input checks
+and what differs between transformers releases.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
-import warnings
 from typing import Unpack
 
 import torch
@@ -41,14 +38,10 @@ from transformers.modeling_utils import AttentionInterface
 from transformers.utils import TransformersKwargs, logging
 
 from .configuration_gpt import LAYER_TYPES, GPTConfig
+from .interface import _CACHE_FIELD, _MASK_CACHE_ARG, as_returned, cache_argument, check_inputs
 from .ops import Dropout, Linear, causal_lm_loss, one_row_matmuls, recompute_in_backward
 
 logger = logging.get_logger(__name__)
-
-# transformers renamed the outputs' `past_key_values` field to `cache` in 5.24; follow whichever is installed.
-_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-# ... and masking_utils' argument for it.
-_MASK_CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 _ACTIVATIONS = {
     "gelu_new": lambda: nn.GELU(approximate="tanh"),  # GPT-2's (and GPT-1's released code's) tanh GELU
@@ -58,18 +51,6 @@ _ACTIVATIONS = {
     "silu": nn.SiLU,
     "swish": nn.SiLU,
 }
-
-
-def check_token_ids(ids: torch.Tensor, limit: int, name: str) -> None:
-    """Raise a clear error for ids an embedding lookup would fail on deep inside (or on a GPU, assert on)."""
-    if ids.is_floating_point() or ids.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor (torch.long), got {ids.dtype}.")
-    if torch.compiler.is_compiling() or ids.numel() == 0:
-        return
-    lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one read back from a GPU, not two
-    if lo < 0 or hi >= limit:
-        bad = lo if lo < 0 else hi
-        raise ValueError(f"{name} holds {bad}, outside [0, {limit - 1}]: check the tokenizer matches the model.")
 
 
 def last_token_index(
@@ -84,23 +65,6 @@ def last_token_index(
         return T - 1
     positions = torch.arange(T, device=real.device)
     return (positions * real).argmax(-1)  # (B,)
-
-
-def cache_argument(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
-    """`cache`, or else `past_key_values`, its name before transformers 5.24 (and deprecated from then on, with the
-    same warning as transformers' own models give)."""
-    if past_key_values is None:
-        return cache
-    if _CACHE_FIELD == "cache" and not torch.compiler.is_compiling():  # (a compiled graph cannot warn)
-        warnings.warn("`past_key_values` is deprecated; pass `cache` instead.", FutureWarning, stacklevel=3)
-    return cache if cache is not None else past_key_values
-
-
-def as_returned(output, return_dict: bool | None, config: GPTConfig):
-    """transformers' convention: the `ModelOutput`, or its tuple (None fields left out) when `return_dict`, or
-    else `config.return_dict`, is False (torch.jit.trace, for one, needs tuples)."""
-    keep = return_dict if return_dict is not None else config.return_dict
-    return output if keep else output.to_tuple()
 
 
 def eager_attention_forward(
@@ -412,27 +376,20 @@ class GPTModel(GPTPreTrainedModel):
         """
         cfg = self.config
         cache = cache_argument(cache, past_key_values)
+        check_inputs(cfg, input_ids, inputs_embeds, attention_mask, position_ids, cache)
         output_attentions = output_attentions if output_attentions is not None else cfg.output_attentions
         output_hidden_states = output_hidden_states if output_hidden_states is not None else cfg.output_hidden_states
         use_cache = use_cache if use_cache is not None else (cfg.use_cache and not self.training)
         if self.gradient_checkpointing and self.training and use_cache:
             use_cache = False  # recomputation would write the cache twice
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
-        if input_ids is not None:
-            check_token_ids(input_ids, cfg.vocab_size, "input_ids")
-            inputs_embeds = self.wte(input_ids)
-        B, T = inputs_embeds.shape[:2]
-        if T == 0:
-            raise ValueError("Empty input: `input_ids` / `inputs_embeds` must hold at least one token per row.")
         if use_cache and cache is None:
             cache = DynamicCache(config=cfg)
         # Tokens already in the cache: an int, or a 0-d tensor for static caches. (The paged cache of continuous
         # batching holds many sequences and always comes with position_ids; it has no single length.)
         past = cache.get_seq_length() if isinstance(cache, Cache) else 0
-        compiling = torch.compiler.is_compiling()  # then skip the checks that read tensors into Python
-        if not compiling:
-            check_inputs(cfg, B, T, past, cache, attention_mask, position_ids)
+        if inputs_embeds is None:
+            inputs_embeds = self.wte(input_ids)  # (B, T, C)
+        T = inputs_embeds.shape[1]
 
         # Packed documents are found in the caller's positions (restarting at 0), never in the ones derived here.
         given_positions = position_ids
@@ -509,61 +466,6 @@ class GPTModel(GPTPreTrainedModel):
         if self.config.sliding_window is not None:
             masks["sliding_attention"] = create_sliding_window_causal_mask(**args)
         return masks
-
-
-def check_inputs(
-    cfg: GPTConfig,
-    B: int,
-    T: int,
-    past: int | torch.Tensor,
-    cache: Cache | None,
-    attention_mask: torch.Tensor | dict | None,
-    position_ids: torch.Tensor | None,
-) -> None:
-    """Raise a clear error for inputs that would otherwise fail deep inside (or silently give wrong results)."""
-    if position_ids is None and past + T > cfg.n_positions:
-        raise ValueError(
-            f"Input of {past + T} tokens (including {past} cached) is longer than the model's {cfg.n_positions} "
-            "positions (config.n_positions). Crop the input to its last n_positions tokens, or evaluate long "
-            "texts with a sliding window (`hf-gpt eval-ppl --stride`)."
-        )
-    if position_ids is not None:
-        if position_ids.dim() != 2 or position_ids.shape[1] != T or position_ids.shape[0] not in (1, B):
-            raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}; expected ({B}, {T}) or (1, {T}).")
-        check_positions(position_ids, cfg.n_positions)
-    if attention_mask is None or isinstance(attention_mask, dict) or not isinstance(cache, Cache | None):
-        return  # (masks made for the paged cache of continuous batching span all its sequences)
-    # A static cache may also take the mask padded to its full length.
-    widths = (int(past) + T, cache.get_max_length() if isinstance(cache, Cache) else -1)
-    shape = tuple(attention_mask.shape)
-    if len(shape) == 4:
-        fits = shape[0] in (1, B) and shape[1:3] == (1, T) and shape[3] in widths
-    else:
-        fits = len(shape) == 2 and shape[0] == B and shape[1] in widths
-    if not fits:
-        raise ValueError(
-            f"attention_mask has shape {shape}; expected (batch, past + new tokens) = ({B}, {widths[0]}): "
-            f"one 0/1 entry per cached and new token (or a full mask of shape ({B}, 1, {T}, {widths[0]}))."
-        )
-
-
-def check_positions(position_ids: torch.Tensor, n_positions: int) -> None:
-    """Positions past the model's context mean the input (in generate(): the prompt plus the new tokens) is longer
-    than the model can read; say so, and what to pass instead."""
-    if position_ids.is_floating_point() or position_ids.dtype == torch.bool:
-        raise TypeError(f"position_ids must be an integer tensor (torch.long), got {position_ids.dtype}.")
-    if position_ids.numel() == 0:
-        return
-    lo, hi = torch.stack(torch.aminmax(position_ids)).tolist()  # one read back from a GPU, not two
-    if lo < 0:
-        raise ValueError(f"position_ids holds {lo}; positions count from 0.")
-    if hi >= n_positions:
-        raise ValueError(
-            f"position_ids reaches {hi}, but the model has {n_positions} positions "
-            f"(0-{n_positions - 1}, config.n_positions): the input is longer than the model's context. In generate(), "
-            f"the prompt plus the new tokens must fit in {n_positions}: lower max_new_tokens (or max_length), or crop "
-            "the prompt to its last tokens."
-        )
 
 
 class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
