@@ -2,10 +2,9 @@
 
 In transformers' order: attention, MLP, block, GPTPreTrainedModel, GPTModel, GPTForCausalLM, the task heads. Parameter
 names follow OpenAI's GPT-2 (`wte`, `wpe`, `h.N.attn.c_attn`, `ln_f`, ...), stored as `nn.Linear` (out, in); GPT-2's
-`Conv1D` checkpoints are (in, out), so loading one is a key copy plus a transpose (see `conversion.py`).
-`ops.py` holds the speed and memory helpers (`Linear` / `Dropout`: `nn.Linear` / `nn.Dropout` with faster CPU kernels,
-the training loss without logits, recomputation in backward, one-row CPU matmuls); `interface.py` the input checks
-and what differs between transformers releases.
+`Conv1D` checkpoints are (in, out), so loading one is a key copy plus a transpose (`conversion.py`). `ops.py` holds the
+speed and memory helpers (`Linear` and `Dropout` are `nn.Linear` and `nn.Dropout` with faster CPU kernels),
+`interface.py` the input checks and what differs between transformers releases.
 """
 
 from __future__ import annotations
@@ -35,13 +34,11 @@ from transformers.modeling_outputs import (
     TokenClassifierOutput,
 )
 from transformers.modeling_utils import AttentionInterface
-from transformers.utils import TransformersKwargs, logging
+from transformers.utils import TransformersKwargs
 
 from .configuration_gpt import LAYER_TYPES, GPTConfig
 from .interface import _CACHE_FIELD, _MASK_CACHE_ARG, as_returned, cache_argument, check_inputs
 from .ops import Dropout, Linear, causal_lm_loss, one_row_matmuls, recompute_in_backward
-
-logger = logging.get_logger(__name__)
 
 _ACTIVATIONS = {
     "gelu_new": lambda: nn.GELU(approximate="tanh"),  # GPT-2's (and GPT-1's released code's) tanh GELU
@@ -51,20 +48,6 @@ _ACTIVATIONS = {
     "silu": nn.SiLU,
     "swish": nn.SiLU,
 }
-
-
-def last_token_index(
-    input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, pad_token_id: int | None, T: int
-) -> torch.Tensor | int:
-    """Index of each row's last real token: from the mask, else the last non-pad id, else T - 1."""
-    if attention_mask is not None:
-        real = attention_mask.bool()
-    elif input_ids is not None and pad_token_id is not None:
-        real = input_ids != pad_token_id
-    else:
-        return T - 1
-    positions = torch.arange(T, device=real.device)
-    return (positions * real).argmax(-1)  # (B,)
 
 
 def eager_attention_forward(
@@ -81,13 +64,12 @@ def eager_attention_forward(
     """Attention written out: softmax(q k^T * scaling + mask) v, q (B, nh, T, hs) against k, v (B, nh, Tk, hs).
 
     `attention_mask` is (B|1, 1, T, Tk), boolean (True = may attend) or additive floats, as `masking_utils` makes
-    them; None means causal over this call's tokens (a single query sees every key). Returns the output
-    (B, T, nh, hs) and the probabilities (B, nh, T, Tk) it was made from (after dropout, so they are on its gradient
-    path); with dropout and not `output_attentions`, None, as backward then rebuilds them rather than keep them.
+    them; None means causal over this call's tokens. Returns the output (B, T, nh, hs) and the probabilities
+    (B, nh, T, Tk) after dropout; None for them with dropout and not `output_attentions` (backward rebuilds them).
     """
     T, Tk = query.shape[2], key.shape[2]
-    # Each pass over the (B, nh, T, Tk) scores costs as much as a block's small matmuls, so there are few: the
-    # scale goes on q, and the mask is added in place (nothing for backward to undo).
+    # Few passes over the (B, nh, T, Tk) scores (each costs as much as a block's small matmuls): the scale goes on q,
+    # and the mask is added in place.
     scores = (query * scaling) @ key.transpose(-2, -1)  # (B, nh, T, Tk)
     if attention_mask is None and T > 1:
         attention_mask = torch.ones(T, Tk, dtype=torch.bool, device=query.device).tril()
@@ -99,19 +81,16 @@ def eager_attention_forward(
             )
         else:  # additive; clamped so that a mask made in a wider dtype cannot overflow to -inf here
             scores += attention_mask.clamp(min=min_value).to(scores.dtype)
-    # Softmax in the scores' dtype: low-precision kernels accumulate in fp32 and round once.
-    probs = F.softmax(scores, dim=-1)
+    probs = F.softmax(scores, dim=-1)  # in the scores' dtype: low-precision kernels accumulate in fp32
     if dropout == 0:
         return (probs @ value).transpose(1, 2), probs  # (B, T, nh, hs)
-    # (torch.rand is about twice as fast as bernoulli_ on CPU; the same draw whether or not weights are returned)
-    drop = torch.rand(probs.shape, device=probs.device) < dropout
+    drop = torch.rand(probs.shape, device=probs.device) < dropout  # (about twice as fast as bernoulli_ on CPU)
     if output_attentions:
         weights = torch.where(drop, 0.0, probs) * (1 / (1 - dropout))
         return (weights @ value).transpose(1, 2), weights
-    # Dropout written out, so that backward rebuilds the dropped probabilities from `probs` (kept for the softmax's
-    # gradient) and `drop` (for the dropout's) rather than storing them too; its 1/(1-p) goes on the (B, nh, T, hs)
-    # output, a smaller tensor than the probabilities.
-    kept = torch.where(drop, 0.0, probs)  # (masked_fill would copy, then fill)
+    # Backward rebuilds the dropped probabilities from `probs` and `drop` (which it keeps anyway) rather than store
+    # them too; 1/(1-p) goes on the output, a smaller tensor than the probabilities.
+    kept = torch.where(drop, 0.0, probs)
     with recompute_in_backward(kept, lambda: torch.where(drop, 0.0, probs)):
         y = (kept @ value) * (1 / (1 - dropout))
     return y.transpose(1, 2), None
@@ -127,11 +106,10 @@ def sdpa_or_written_out_attention(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """ "sdpa" for this model: transformers' SDPA, except on CPU where attention written out is faster. Measured
-    per layer on the project's CPU (forward and backward): with attention dropout (SDPA has no fused CPU kernel for
-    it) GPT-2 small trains 38 vs 54 ms fp32, 28 vs 50 ms bf16; in bf16 without dropout SDPA's CPU backward is slow
-    too: 17.7 vs 36.8 ms for GPT-2 small (4 x 256 tokens), 1.8 vs 6.2 ms for the 4 x 128 model at 12 x 64 tokens;
-    a bf16 decoding step of 16 rows 0.5 vs 3.0 ms. Both take SDPA's masks (`masking_utils.sdpa_mask`)."""
+    """ "sdpa" for this model: transformers' SDPA, except on CPU where attention written out is faster (forward and
+    backward of a layer on the project's CPU): with attention dropout, which SDPA has no fused CPU kernel for (GPT-2
+    small trains 38 vs 54 ms fp32, 28 vs 50 ms bf16); bf16 training (17.7 vs 36.8 ms, 4 x 256 tokens); bf16 decoding
+    of many rows (16 rows: 0.5 vs 3.0 ms). Both take SDPA's masks (`masking_utils.sdpa_mask`)."""
     bf16 = query.dtype == torch.bfloat16
     bf16_training = bf16 and torch.is_grad_enabled() and query.requires_grad
     bf16_decoding_rows = bf16 and query.shape[2] == 1 and query.shape[0] > 1
@@ -142,10 +120,9 @@ def sdpa_or_written_out_attention(
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
-# transformers' way for a model to replace one of its attention functions (see `AttentionInterface`): an instance of
-# its own, whose entries override the library-wide ones for this model only; every other implementation (eager,
-# flex, flash, the paged ones, those serving engines register) is transformers'. (The name is the one transformers'
-# and vLLM's checks look for in the attention layer's source.)
+# transformers' way for a model to replace one of its attention functions (`AttentionInterface`): an instance of its
+# own, whose entries override the library-wide ones for this model only; every other implementation (eager, flex,
+# flash, paged, those serving engines register) is transformers'. (transformers' and vLLM's checks look for the name.)
 ALL_ATTENTION_FUNCTIONS = AttentionInterface()
 ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa_or_written_out_attention
 # Tensor parallelism (config.base_model_tp_plan): c_attn's output is [q; k; v], three blocks of n_embd, and each device
@@ -190,8 +167,7 @@ class GPTAttention(nn.Module):
         # (unbinding the q/k/v dim itself keeps backward's stack of the three gradients contiguous)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # each (B, nh, T, hs)
         if cache is not None:
-            # `kwargs` goes along: the paged cache of continuous batching reads its indices from it (and fills in
-            # what its attention function needs).
+            # (`kwargs` go along: the paged cache of continuous batching reads its indices from them)
             k, v = cache.update(k, v, self.layer_idx, kwargs)  # (B, nh, Tk, hs)
 
         implementation = self.config._attn_implementation
@@ -433,15 +409,15 @@ class GPTModel(GPTPreTrainedModel):
         past: int | torch.Tensor,
         position_ids: torch.Tensor | None,
     ) -> dict[str, torch.Tensor | None]:
-        """The mask of each layer type, in the form the attention implementation takes (transformers'
-        `masking_utils`: None where causality alone rules, a 4-D mask for SDPA / eager, a BlockMask for flex, the
-        2-D padding for flash). They follow the 2-D padding mask, the cache (its length and, for local layers, its
-        window), and padding-free packed documents (position_ids restarting at 0 with no attention_mask)."""
+        """The mask of each layer type in the form the attention implementation takes (transformers' `masking_utils`:
+        None where causality alone rules, a 4-D mask for SDPA / eager, a BlockMask for flex, the 2-D padding for
+        flash), following the padding, the cache (its length and, for local layers, its window), and padding-free
+        packed documents (position_ids restarting at 0 with no attention_mask)."""
         if isinstance(attention_mask, dict):  # already made per layer type (continuous batching, static caches)
             return attention_mask
         if attention_mask is not None and attention_mask.dim() == 4:
-            # The caller's full mask: True / 1 = may attend, or additive floats. A static cache holds more slots
-            # than tokens seen so far; the ones after them are empty and may not be attended to.
+            # The caller's full mask. A static cache holds more slots than tokens seen so far: the empty ones after
+            # them may not be attended to.
             max_len = cache.get_max_length() if isinstance(cache, Cache) else -1
             if max_len > attention_mask.shape[-1]:
                 fill = False if attention_mask.dtype == torch.bool else torch.finfo(attention_mask.dtype).min
@@ -451,12 +427,11 @@ class GPTModel(GPTPreTrainedModel):
         args = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
         if isinstance(cache, Cache) and not torch.compiler.is_compiling() and int(past) == 0:
             if not cache.is_compileable:
-                # A dynamic cache that holds nothing yet sizes the masks as no cache would; passed as None, it lets
-                # masking_utils find padding-free packed documents (it looks only where there is no cache).
+                # An empty dynamic cache sizes the masks as no cache would; passed as None, it lets masking_utils find
+                # padding-free packed documents (it looks only where there is no cache).
                 cache = None
             elif attention_mask is None and position_ids is not None and inputs_embeds.shape[1] > 1:
-                # Into an empty static cache, packed documents are ours to find. Keys past this call's tokens are
-                # empty slots: they belong to no document.
+                # Into an empty static cache, packed documents are ours to find; its empty slots belong to none.
                 docs = find_packed_sequence_indices(position_ids.expand(inputs_embeds.shape[0], -1))
                 if docs is not None:
                     docs = F.pad(docs, (0, cache.get_max_length() - docs.shape[1]), value=-1)
@@ -502,13 +477,11 @@ class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
         Args:
             As `GPTModel.forward`, plus
             labels: (B, T) targets; the model shifts them by one. -100 is ignored.
-            logits_to_keep: compute logits only for the last `n` positions (0 = all), or for the
-                positions a 1-D index tensor names.
-            **kwargs: handed to the loss (Trainer's `num_items_in_batch` makes gradient accumulation exact).
+            logits_to_keep: logits only for the last `n` positions (0 = all), or for those a 1-D index tensor names.
+            **kwargs: handed to the loss too (Trainer's `num_items_in_batch` makes gradient accumulation exact).
         Returns:
-            `CausalLMOutputWithPast` with `logits` (B, T', vocab_size) and `loss` when labels are given.
-            In training mode with labels (and grad enabled), `logits` is None: the loss is computed
-            without them.
+            `CausalLMOutputWithPast` with `logits` (B, T', vocab_size), and `loss` when labels are given. A training
+            step (train mode, grad enabled) with labels gets the loss alone: `logits` is None.
         """
         with one_row_matmuls(input_ids if input_ids is not None else inputs_embeds, self.dtype):
             out = self.transformer(
@@ -530,9 +503,8 @@ class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
                     f"labels has shape {tuple(labels.shape)}; expected {tuple(h.shape[:2])} like input_ids "
                     "(the model shifts them by one itself; use -100 for positions to ignore)."
                 )
-            # A training step needs only the loss: take it straight from h a chunk at a time (`causal_lm_loss`),
-            # so the (B, T, vocab) logits are never made and `logits` is None, as with transformers' Liger
-            # kernels. In eval mode (Trainer.evaluate / predict) or without grad, logits come back as usual.
+            # A training step takes its loss straight from h a chunk at a time (`causal_lm_loss`): the (B, T, vocab)
+            # logits are never made, as with transformers' Liger kernels. Evaluation gets logits as usual.
             loss_only = (
                 labels is not None
                 and self.training
@@ -559,40 +531,74 @@ class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
         return as_returned(result, return_dict, self.config)
 
 
+def rows(t: torch.Tensor | None, dims: int = 3) -> torch.Tensor | None:
+    """(B, K, T) as (B*K, T) ((B, K, T, C) embeddings with dims=4): an example's K choices, or views, are rows of their
+    own. Anything else is returned as it is."""
+    return t.flatten(0, 1) if t is not None and t.dim() == dims else t
+
+
 class GPTHeadModel(GPTPreTrainedModel):
-    """Shared plumbing of the task heads: the transformer, the optional auxiliary LM loss of GPT-1
-    (sec. 3.2: L3 = L2 + lambda * L1, lambda = `config.aux_lm_weight`), and input reshaping."""
+    """What the task heads share: the transformer (without a cache) over the rows of their input, each row's pooled
+    token, and GPT-1's auxiliary LM loss (sec. 3.2: L3 = L2 + lambda * L1, lambda = `config.aux_lm_weight`)."""
+
+    def __init__(self, config: GPTConfig, aux_lm_head: bool = False) -> None:
+        super().__init__(config)
+        self.transformer = GPTModel(config)
+        if aux_lm_head:  # tied to the input embedding (`_tied_weights_keys`), so it adds no parameters
+            self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
+
+    def _features(self, input_ids, attention_mask, position_ids, inputs_embeds, token_type_ids, **kwargs):
+        """The transformer's output over the input's rows: `last_hidden_state` (B*K, T, C), K = 1 for (B, T) input."""
+        return self.transformer(
+            rows(input_ids),
+            attention_mask=rows(attention_mask),
+            position_ids=rows(position_ids),
+            inputs_embeds=rows(inputs_embeds, dims=4),
+            token_type_ids=rows(token_type_ids),
+            use_cache=False,
+            return_dict=True,
+            **kwargs,
+        )
+
+    def _pool(self, h, input_ids, inputs_embeds, attention_mask, index=None) -> torch.Tensor:
+        """(B*K, T, C) -> (B, K, C): each row's hidden state at `index` (B, K), by default at its last real token
+        (the last 1 of the attention mask, else the last id that is not padding, else the last)."""
+        if index is None:
+            if attention_mask is not None:
+                real = rows(attention_mask).bool()
+            elif input_ids is not None and self.config.pad_token_id is not None:
+                real = rows(input_ids) != self.config.pad_token_id
+            else:
+                real = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
+            index = (torch.arange(h.shape[1], device=real.device) * real).argmax(-1)  # (B*K,)
+        pooled = h[torch.arange(h.shape[0], device=h.device), index.reshape(-1)]  # (B*K, C)
+        B = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+        return pooled.view(B, -1, h.shape[-1])
+
+    def _with_aux_lm_loss(self, loss, h, input_ids, attention_mask) -> torch.Tensor:
+        """`loss` plus lambda times the next-token loss of the task input itself (padding ignored), when lambda > 0."""
+        if self.config.aux_lm_weight == 0 or input_ids is None:
+            return loss
+        input_ids, attention_mask = rows(input_ids), rows(attention_mask)
+        labels = input_ids.masked_fill(attention_mask == 0, -100) if attention_mask is not None else input_ids
+        logits = self.lm_head(h[:, :-1]).float()  # (B*K, T-1, vocab): token t predicts token t+1
+        lm_loss = F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        return loss + self.config.aux_lm_weight * lm_loss
+
+    def _output(self, output_class: type, out: BaseModelOutputWithPast, return_dict: bool | None, **fields):
+        """The head's `output_class` with the transformer's hidden states and attentions (or its tuple)."""
+        output = output_class(**fields, hidden_states=out.hidden_states, attentions=out.attentions)
+        return as_returned(output, return_dict, self.config)
+
+
+class GPTForSequenceClassification(GPTHeadModel):
+    """Classification / regression from the last real token (GPT-1 sec. 3.3, transformers' GPT-2 head). GPT-1's
+    similarity tasks encode both orders of a pair and add the two representations: pass (B, V, T) input."""
 
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
 
     def __init__(self, config: GPTConfig) -> None:
-        super().__init__(config)
-        self.transformer = GPTModel(config)
-        # Tied to the input embedding, so it adds no parameters; used only for the auxiliary LM loss.
-        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
-    def aux_lm_loss(self, h: torch.Tensor, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None):
-        """lambda * next-token loss of the task input itself (padding ignored), or None when off."""
-        if self.config.aux_lm_weight == 0 or input_ids is None:
-            return None
-        labels = input_ids.masked_fill(attention_mask == 0, -100) if attention_mask is not None else input_ids
-        logits = self.lm_head(h[:, :-1]).float()  # (N, T-1, vocab): token t predicts token t+1
-        loss = F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-        return self.config.aux_lm_weight * loss
-
-
-class GPTForSequenceClassification(GPTHeadModel):
-    """Classification / regression from the last real token (GPT-1 sec. 3.3, transformers' GPT-2 head).
-
-    GPT-1's similarity tasks encode both orders of a pair and add the two representations: pass
-    `input_ids` of shape (B, V, T) and the V views are pooled and summed before the linear head.
-    """
-
-    def __init__(self, config: GPTConfig) -> None:
-        super().__init__(config)
+        super().__init__(config, aux_lm_head=True)
         self.num_labels = config.num_labels
         self.score = nn.Linear(config.n_embd, config.num_labels, bias=False)
         self.post_init()
@@ -618,42 +624,25 @@ class GPTForSequenceClassification(GPTHeadModel):
         Returns:
             `SequenceClassifierOutputWithPast` with `logits` (B, num_labels).
         """
-        views = input_ids.shape[1] if input_ids is not None and input_ids.dim() == 3 else 1
-        flat = lambda t: t.flatten(0, 1) if t is not None and views > 1 else t  # noqa: E731  (B*V, T)
-        input_ids, attention_mask, position_ids = flat(input_ids), flat(attention_mask), flat(position_ids)
-        out = self.transformer(
-            input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            token_type_ids=flat(token_type_ids),
-            use_cache=False,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-            **kwargs,
-        )
-        h = out.last_hidden_state  # (B*V, T, C)
-        idx = last_token_index(input_ids, attention_mask, self.config.pad_token_id, h.shape[1])
-        pooled = h[torch.arange(h.shape[0], device=h.device), idx]  # (B*V, C)
-        logits = self.score(pooled.view(-1, views, pooled.shape[-1]).sum(1))  # (B, num_labels)
+        kwargs.update(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+        out = self._features(input_ids, attention_mask, position_ids, inputs_embeds, token_type_ids, **kwargs)
+        pooled = self._pool(out.last_hidden_state, input_ids, inputs_embeds, attention_mask)  # (B, V, C)
+        logits = self.score(pooled.sum(1))  # (B, num_labels)
         loss = None
         if labels is not None:
             loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
-            aux = self.aux_lm_loss(h, input_ids, attention_mask)
-            loss = loss if aux is None else loss + aux
-        output = SequenceClassifierOutputWithPast(
-            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
-        )
-        return as_returned(output, return_dict, self.config)
+            loss = self._with_aux_lm_loss(loss, out.last_hidden_state, input_ids, attention_mask)
+        return self._output(SequenceClassifierOutputWithPast, out, return_dict, loss=loss, logits=logits)
 
 
 class GPTForMultipleChoice(GPTHeadModel):
-    """One score per choice from each choice's last real token (GPT-1 sec. 3.3; the multiple-choice
-    head of transformers' `GPT2DoubleHeadsModel`), softmax over choices, optional auxiliary LM loss."""
+    """One score per choice from each choice's last real token (GPT-1 sec. 3.3; the multiple-choice head of
+    transformers' `GPT2DoubleHeadsModel`), softmax over choices."""
+
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
 
     def __init__(self, config: GPTConfig) -> None:
-        super().__init__(config)
+        super().__init__(config, aux_lm_head=True)
         self.multiple_choice_head = nn.Linear(config.n_embd, 1)
         self.dropout = nn.Dropout(config.classifier_dropout)
         self.post_init()
@@ -674,54 +663,29 @@ class GPTForMultipleChoice(GPTHeadModel):
     ) -> MultipleChoiceModelOutput:
         """
         Args:
-            input_ids: (B, K, T), one row per choice (`s context $ answer_k e`).
-            attention_mask: (B, K, T).
+            input_ids: (B, K, T), one row per choice (`s context $ answer_k e`); attention_mask likewise.
             mc_token_ids: (B, K) index of the token to score in each choice; default the last real token.
             labels: (B,) index of the right choice.
         Returns:
             `MultipleChoiceModelOutput` with `logits` (B, K).
         """
-        ref = input_ids if input_ids is not None else inputs_embeds
-        B, K = ref.shape[:2]
-        flat = lambda t: t.flatten(0, 1) if t is not None else None  # noqa: E731  (B*K, ...)
-        input_ids, attention_mask, position_ids = flat(input_ids), flat(attention_mask), flat(position_ids)
-        out = self.transformer(
-            input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=flat(inputs_embeds),
-            token_type_ids=flat(token_type_ids),
-            use_cache=False,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-            **kwargs,
-        )
-        h = out.last_hidden_state  # (B*K, T, C)
-        if mc_token_ids is not None:
-            idx = mc_token_ids.reshape(-1)
-        else:
-            idx = last_token_index(input_ids, attention_mask, self.config.pad_token_id, h.shape[1])
-        pooled = h[torch.arange(h.shape[0], device=h.device), idx]  # (B*K, C)
-        logits = self.multiple_choice_head(self.dropout(pooled)).view(B, K)  # (B, K)
+        kwargs.update(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+        out = self._features(input_ids, attention_mask, position_ids, inputs_embeds, token_type_ids, **kwargs)
+        pooled = self._pool(out.last_hidden_state, input_ids, inputs_embeds, attention_mask, mc_token_ids)
+        logits = self.multiple_choice_head(self.dropout(pooled)).squeeze(-1)  # (B, K)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits, labels)
-            aux = self.aux_lm_loss(h, input_ids, attention_mask)
-            loss = loss if aux is None else loss + aux
-        output = MultipleChoiceModelOutput(
-            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
-        )
-        return as_returned(output, return_dict, self.config)
+            loss = self._with_aux_lm_loss(loss, out.last_hidden_state, input_ids, attention_mask)
+        return self._output(MultipleChoiceModelOutput, out, return_dict, loss=loss, logits=logits)
 
 
-class GPTForTokenClassification(GPTPreTrainedModel):
+class GPTForTokenClassification(GPTHeadModel):
     """A label per token (transformers' `GPT2ForTokenClassification`)."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.transformer = GPTModel(config)
         self.dropout = nn.Dropout(config.classifier_dropout)
         self.classifier = nn.Linear(config.n_embd, config.num_labels)
         self.post_init()
@@ -740,34 +704,18 @@ class GPTForTokenClassification(GPTPreTrainedModel):
         **kwargs: Unpack[TransformersKwargs],
     ) -> TokenClassifierOutput:
         """labels: (B, T) class ids, -100 ignored. Returns `logits` (B, T, num_labels)."""
-        out = self.transformer(
-            input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            token_type_ids=token_type_ids,
-            use_cache=False,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-            **kwargs,
-        )
+        kwargs.update(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+        out = self._features(input_ids, attention_mask, position_ids, inputs_embeds, token_type_ids, **kwargs)
         logits = self.classifier(self.dropout(out.last_hidden_state))  # (B, T, num_labels)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1), ignore_index=-100)
-        output = TokenClassifierOutput(
-            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
-        )
-        return as_returned(output, return_dict, self.config)
+        loss = None if labels is None else F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        return self._output(TokenClassifierOutput, out, return_dict, loss=loss, logits=logits)
 
 
-class GPTForQuestionAnswering(GPTPreTrainedModel):
+class GPTForQuestionAnswering(GPTHeadModel):
     """Extractive QA: start and end logits per token (transformers' `GPT2ForQuestionAnswering`)."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__(config)
-        self.transformer = GPTModel(config)
         self.qa_outputs = nn.Linear(config.n_embd, 2)
         self.post_init()
 
@@ -786,30 +734,14 @@ class GPTForQuestionAnswering(GPTPreTrainedModel):
         **kwargs: Unpack[TransformersKwargs],
     ) -> QuestionAnsweringModelOutput:
         """start_positions / end_positions: (B,). Returns `start_logits`, `end_logits` (B, T)."""
-        out = self.transformer(
-            input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            token_type_ids=token_type_ids,
-            use_cache=False,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-            **kwargs,
-        )
+        kwargs.update(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+        out = self._features(input_ids, attention_mask, position_ids, inputs_embeds, token_type_ids, **kwargs)
         start_logits, end_logits = self.qa_outputs(out.last_hidden_state).unbind(-1)  # (B, T) each
         loss = None
         if start_positions is not None and end_positions is not None:
             loss = self.loss_function(start_logits, end_logits, start_positions, end_positions)
-        output = QuestionAnsweringModelOutput(
-            loss=loss,
-            start_logits=start_logits,
-            end_logits=end_logits,
-            hidden_states=out.hidden_states,
-            attentions=out.attentions,
-        )
-        return as_returned(output, return_dict, self.config)
+        logits = dict(start_logits=start_logits, end_logits=end_logits)
+        return self._output(QuestionAnsweringModelOutput, out, return_dict, loss=loss, **logits)
 
 
 __all__ = [
