@@ -131,10 +131,16 @@ def run_info(
     sargs: SampleArguments,
     targs: LMTrainingArguments,
     argv: list[str],
-    **facts,
+    *,
+    dataset: str,
+    dataset_id: str | None,
+    tokenizer: str,
+    num_parameters: int,
+    world_size: int,
+    precision: str,
 ) -> dict:
     """The run's record before training: every resolved argument, the git revision, the hardware, the command line
-    and `facts` (dataset, dataset_id, tokenizer, num_parameters, world_size, precision); `final_metrics` adds the
+    and what main settled (data, tokenizer kind, model size, world size, precision); `final_metrics` adds the
     metrics at the end."""
     return {
         "model_args": asdict(margs),
@@ -144,13 +150,13 @@ def run_info(
         "git_revision": git_revision(),
         "preset": margs.preset,
         "base_model": margs.model_name_or_path,
-        "dataset": facts["dataset"],
-        "dataset_id": facts["dataset_id"],
-        "tokenizer": facts["tokenizer"],
-        "num_parameters": facts["num_parameters"],
+        "dataset": dataset,
+        "dataset_id": dataset_id,
+        "tokenizer": tokenizer,
+        "num_parameters": num_parameters,
         "task": "causal-lm",
-        "world_size": facts["world_size"],
-        "precision": facts["precision"],
+        "world_size": world_size,
+        "precision": precision,
         "hardware": hardware(),
         "command": " ".join([Path(sys.argv[0]).name, *argv]),
     }
