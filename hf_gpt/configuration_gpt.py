@@ -21,6 +21,15 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+# The tensor-parallel style `base_model_tp_plan` names for c_attn (see there): transformers' "packed_colwise" splits a
+# weight packed from two blocks (an MLP's gate and up), which would hand a device parts of two of q, k, v.
+try:
+    from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES, PackedColwiseParallel
+except ImportError:  # transformers without tensor parallelism: the plan is never applied
+    pass
+else:
+    ALL_PARALLEL_STYLES.register("packed_colwise_qkv", PackedColwiseParallel(split_factor=3))
+
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu", "silu", "swish")
 NORM_POSITIONS = ("pre", "post")
 ATTENTION_KINDS = ("global", "local")
@@ -145,7 +154,7 @@ class GPTConfig(PretrainedConfig):
     }
     keys_to_ignore_at_inference = ["cache", "past_key_values"]
     # How transformers (`from_pretrained(..., tp_plan="auto")`) shards the blocks over devices. c_attn holds q, k and
-    # v stacked along its output ([q; k; v], each n_embd wide): "packed_colwise_qkv" (registered in modeling_gpt.py,
+    # v stacked along its output ([q; k; v], each n_embd wide): "packed_colwise_qkv" (registered above,
     # transformers' packed_colwise for three blocks, not two) gives each device the same heads of all three.
     base_model_tp_plan = {
         "h.*.attn.c_attn": "packed_colwise_qkv",

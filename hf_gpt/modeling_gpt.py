@@ -64,8 +64,8 @@ def eager_attention_forward(
     """Attention written out: softmax(q k^T * scaling + mask) v, q (B, nh, T, hs) against k, v (B, nh, Tk, hs).
 
     `attention_mask` is (B|1, 1, T, Tk), boolean (True = may attend) or additive floats, as `masking_utils` makes
-    them; None means causal over this call's tokens. Returns the output (B, T, nh, hs) and the probabilities
-    (B, nh, T, Tk) after dropout; None for them with dropout and not `output_attentions` (backward rebuilds them).
+    them; None means causal over this call's tokens (a single query sees every key). Returns the output (B, T, nh, hs)
+    and the probabilities (B, nh, T, Tk) after dropout; None for them with dropout and not `output_attentions`.
     """
     T, Tk = query.shape[2], key.shape[2]
     # Few passes over the (B, nh, T, Tk) scores (each costs as much as a block's small matmuls): the scale goes on q,
@@ -84,7 +84,8 @@ def eager_attention_forward(
     probs = F.softmax(scores, dim=-1)  # in the scores' dtype: low-precision kernels accumulate in fp32
     if dropout == 0:
         return (probs @ value).transpose(1, 2), probs  # (B, T, nh, hs)
-    drop = torch.rand(probs.shape, device=probs.device) < dropout  # (about twice as fast as bernoulli_ on CPU)
+    # (torch.rand is about twice as fast as bernoulli_ on CPU; the same draw whether or not weights are returned)
+    drop = torch.rand(probs.shape, device=probs.device) < dropout
     if output_attentions:
         weights = torch.where(drop, 0.0, probs) * (1 / (1 - dropout))
         return (weights @ value).transpose(1, 2), weights
@@ -106,10 +107,11 @@ def sdpa_or_written_out_attention(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """ "sdpa" for this model: transformers' SDPA, except on CPU where attention written out is faster (forward and
-    backward of a layer on the project's CPU): with attention dropout, which SDPA has no fused CPU kernel for (GPT-2
-    small trains 38 vs 54 ms fp32, 28 vs 50 ms bf16); bf16 training (17.7 vs 36.8 ms, 4 x 256 tokens); bf16 decoding
-    of many rows (16 rows: 0.5 vs 3.0 ms). Both take SDPA's masks (`masking_utils.sdpa_mask`)."""
+    """ "sdpa" for this model: transformers' SDPA, except on CPU where attention written out is faster. Measured
+    per layer on the project's CPU (forward and backward): with attention dropout (SDPA has no fused CPU kernel for
+    it) GPT-2 small trains 38 vs 54 ms fp32, 28 vs 50 ms bf16; in bf16 without dropout SDPA's CPU backward is slow
+    too: 17.7 vs 36.8 ms for GPT-2 small (4 x 256 tokens), 1.8 vs 6.2 ms for the 4 x 128 model at 12 x 64 tokens;
+    a bf16 decoding step of 16 rows 0.5 vs 3.0 ms. Both take SDPA's masks (`masking_utils.sdpa_mask`)."""
     bf16 = query.dtype == torch.bfloat16
     bf16_training = bf16 and torch.is_grad_enabled() and query.requires_grad
     bf16_decoding_rows = bf16 and query.shape[2] == 1 and query.shape[0] > 1
@@ -125,15 +127,6 @@ def sdpa_or_written_out_attention(
 # flash, paged, those serving engines register) is transformers'. (transformers' and vLLM's checks look for the name.)
 ALL_ATTENTION_FUNCTIONS = AttentionInterface()
 ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa_or_written_out_attention
-# Tensor parallelism (config.base_model_tp_plan): c_attn's output is [q; k; v], three blocks of n_embd, and each device
-# takes the same heads from all three. transformers' "packed_colwise" splits a weight packed from two blocks (an
-# MLP's gate and up), which would hand a device parts of two blocks here; this is the same style for three.
-try:
-    from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES, PackedColwiseParallel
-except ImportError:  # transformers without tensor parallelism: the plan is never applied
-    pass
-else:
-    ALL_PARALLEL_STYLES.register("packed_colwise_qkv", PackedColwiseParallel(split_factor=3))
 
 
 class GPTAttention(nn.Module):
