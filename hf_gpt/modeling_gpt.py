@@ -662,6 +662,9 @@ class GPTForMultipleChoice(GPTHeadModel):
         Returns:
             `MultipleChoiceModelOutput` with `logits` (B, K).
         """
+        given, dims = (input_ids, 3) if input_ids is not None else (inputs_embeds, 4)
+        if given is not None and given.dim() != dims:  # (a (B, T) input would score a single choice, with loss 0)
+            raise ValueError(f"Multiple choice takes one row per choice, (B, K, T); got shape {tuple(given.shape)}.")
         kwargs.update(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
         out = self._features(input_ids, attention_mask, position_ids, inputs_embeds, token_type_ids, **kwargs)
         pooled = self._pool(out.last_hidden_state, input_ids, inputs_embeds, attention_mask, mc_token_ids)

@@ -90,3 +90,8 @@ def test_multiple_choice_pools_mc_token_ids_and_takes_embeds():
 def test_packed_qkv_tensor_parallel_style_is_registered():
     tp = pytest.importorskip("transformers.distributed.tensor_parallel")
     assert "packed_colwise_qkv" in tp.ALL_PARALLEL_STYLES
+
+
+def test_multiple_choice_without_a_choices_dim_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"one row per choice, \(B, K, T\); got shape \(2, 6\)"):
+        GPTForMultipleChoice(tiny())(torch.randint(1, 64, (2, 6)))
