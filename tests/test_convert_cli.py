@@ -1,6 +1,10 @@
-"""`hf-gpt convert` / `hf-gpt export` run as subprocesses (issue 3): the converted folder loads through
-trust_remote_code where hf_gpt cannot be imported, the export loads in vanilla transformers bit-exactly,
-and every broken input gives its message, a non-zero exit and no output folder."""
+"""`hf-gpt convert` / `hf-gpt export` (issue 3): the converted folder loads through trust_remote_code where hf_gpt
+cannot be imported, the export loads in vanilla transformers bit-exactly, and every broken input gives its message,
+a non-zero exit and no output folder.
+
+The conversion, the export, the isolated load and one broken input run as real processes (the console script, exit
+status included); the other broken inputs and GPT-1's conversion run through the same `hf_gpt.cli.main` in this
+process, as a fresh interpreter costs several seconds of imports for each."""
 
 from __future__ import annotations
 
@@ -25,10 +29,11 @@ from transformers import (
 )
 
 from hf_gpt import GPTConfig, GPTForCausalLM, GPTForSequenceClassification
+from hf_gpt.cli import main as hf_gpt_main
 from hf_gpt.convert_cli import write_atomically
 
 HELLO_IDS = [15496, 11, 314, 1101, 257, 3303, 2746, 11]
-# Up to eight of these run at once on two cores: one thread each, or OpenMP's spinning threads fight.
+# Two of these run at once on two cores: one thread each, or OpenMP's spinning threads fight.
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
 
 
@@ -64,30 +69,35 @@ def gpt2_50k(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cli_runs(gpt2_50k, gpt1_ref, tmp_path_factory):
-    """Every independent command line of this module, started at once: each is a fresh interpreter (a few
-    seconds of imports), and running them side by side uses both cores.
-
-    Returns name -> (CompletedProcess, DST), plus the error cases' inputs and their root folder.
-    """
+def error_inputs(gpt2_50k, tmp_path_factory):
+    """(name -> (command line, expected phrase in stderr), the folder holding the broken inputs)."""
     _, gpt2_src = gpt2_50k
-    _, gpt1_src = gpt1_ref
+    root = tmp_path_factory.mktemp("inputs")
+    return make_error_cases(root, gpt2_src), root
+
+
+# The broken input that also runs as a real process: its exit status, and a pickle that must not run there either.
+PROCESS_ERROR_CASE = "unsafe pickle"
+
+
+@pytest.fixture(scope="module")
+def cli_runs(gpt2_50k, error_inputs, tmp_path_factory):
+    """The conversion and one broken input as command lines, started at once (two fresh interpreters side by side
+    use both cores). Returns name -> (CompletedProcess, DST)."""
+    _, gpt2_src = gpt2_50k
+    cases, _ = error_inputs
     root = tmp_path_factory.mktemp("cli")
-    cases = make_error_cases(root / "inputs", gpt2_src)
     jobs = {
         "convert gpt2": (["convert", str(gpt2_src)], root / "ours"),
-        "convert gpt1 bf16": (["convert", str(gpt1_src), "--dtype", "bfloat16"], root / "gpt1-bf16"),
+        PROCESS_ERROR_CASE: (cases[PROCESS_ERROR_CASE][0], root / "outputs" / "dst"),
     }
-    jobs.update({name: (args, root / "outputs" / f"dst{i}") for i, (name, (args, _)) in enumerate(cases.items())})
     procs = {name: (start(*args, str(dst)), dst) for name, (args, dst) in jobs.items()}
-    results = {name: (finish(p), dst) for name, (p, dst) in procs.items()}
-    return results, cases, root
+    return {name: (finish(p), dst) for name, (p, dst) in procs.items()}
 
 
 @pytest.fixture(scope="module")
 def converted(cli_runs):
-    results, _, _ = cli_runs
-    proc, dst = results["convert gpt2"]
+    proc, dst = cli_runs["convert gpt2"]
     assert proc.returncode == 0, proc.stderr
     return dst, proc
 
@@ -131,6 +141,7 @@ def after_convert(converted, tmp_path_factory):
     return {"export": finish(export), "isolated": finish(isolated), "root": root}
 
 
+@pytest.mark.slow
 def test_convert_loads_with_trust_remote_code_where_hf_gpt_is_absent(gpt2_50k, converted, after_convert):
     ref, _ = gpt2_50k
     dst, proc = converted
@@ -152,11 +163,11 @@ def test_convert_loads_with_trust_remote_code_where_hf_gpt_is_absent(gpt2_50k, c
     assert (expected - got["logits"]).abs().max() < 1e-5
 
 
-def test_convert_gpt1_with_dtype(gpt1_ref, cli_runs):
-    ref, _ = gpt1_ref
-    proc, dst = cli_runs[0]["convert gpt1 bf16"]
-    assert proc.returncode == 0, proc.stderr
-    assert "from a openai-gpt checkpoint" in proc.stdout
+def test_convert_gpt1_with_dtype(gpt1_ref, tmp_path, capsys):
+    ref, src = gpt1_ref
+    dst = tmp_path / "gpt1-bf16"
+    assert hf_gpt_main(["convert", str(src), "--dtype", "bfloat16", str(dst)]) == 0
+    assert "from a openai-gpt checkpoint" in capsys.readouterr().out
     with safe_open(dst / "model.safetensors", "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
     ours = GPTForCausalLM.from_pretrained(dst)
@@ -165,6 +176,7 @@ def test_convert_gpt1_with_dtype(gpt1_ref, cli_runs):
     assert not (dst / "tokenizer.json").exists()  # vocab 120 is not GPT-2's, and the source had none
 
 
+@pytest.mark.slow
 def test_export_round_trip(gpt2_50k, after_convert):
     ref, _ = gpt2_50k
     proc, out = after_convert["export"], after_convert["root"] / "plain"
@@ -263,16 +275,29 @@ ERROR_CASES = [
 
 
 @pytest.mark.parametrize("name", ERROR_CASES)
-def test_error_cases(name, cli_runs):
-    results, cases, root = cli_runs
-    proc, dst = results[name]
-    _, phrase = cases[name]
-    assert proc.returncode == 1, (proc.stdout, proc.stderr)
-    assert phrase in proc.stderr
-    assert proc.stderr.count("error:") == 1 and "Traceback" not in proc.stderr
+def test_error_cases(name, error_inputs, tmp_path, capsys):
+    cases, root = error_inputs
+    args, phrase = cases[name]
+    dst = tmp_path / "outputs" / "dst"
+    assert hf_gpt_main([*args, str(dst)]) == 1
+    err = capsys.readouterr().err
+    assert phrase in err
+    assert err.count("error:") == 1 and "Traceback" not in err
     assert not dst.exists()
     assert not (dst.parent.exists() and any(dst.parent.iterdir()))  # no temporary folder left either
-    assert not (root / "inputs" / "payload-ran").exists()
+    assert not (root / "payload-ran").exists()
+
+
+@pytest.mark.slow
+def test_error_exits_the_process_with_status_1(cli_runs, error_inputs):
+    cases, root = error_inputs
+    proc, dst = cli_runs[PROCESS_ERROR_CASE]
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert cases[PROCESS_ERROR_CASE][1] in proc.stderr
+    assert proc.stderr.count("error:") == 1 and "Traceback" not in proc.stderr
+    assert not dst.exists()
+    assert not (dst.parent.exists() and any(dst.parent.iterdir()))
+    assert not (root / "payload-ran").exists()
 
 
 @pytest.mark.parametrize(
@@ -284,12 +309,12 @@ def test_error_cases(name, cli_runs):
         ("convert_main", "gpt2-classifier", "holds a GPT2ForSequenceClassification; this command"),
     ],
 )
-def test_more_error_cases_in_process(main, folder, phrase, cli_runs, tmp_path, capsys):
+def test_more_error_cases_in_process(main, folder, phrase, error_inputs, tmp_path, capsys):
     from hf_gpt import convert_cli
 
-    _, _, root = cli_runs
+    _, root = error_inputs
     out = tmp_path / "out"
-    assert getattr(convert_cli, main)([str(root / "inputs" / folder), str(out)]) == 1
+    assert getattr(convert_cli, main)([str(root / folder), str(out)]) == 1
     assert phrase in capsys.readouterr().err
     assert not out.exists()
 
