@@ -7,9 +7,13 @@ save_pretrained, tokenizer, run_info.json, log_history.json, a checkpoint); the 
 
 from __future__ import annotations
 
+import atexit
+import copy
 import json
 import math
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,6 +29,9 @@ from model_cards.generate import build_card, detect_family, write_card
 SECRET = "hf_not_a_real_token_0123456789"
 
 
+_TEMPLATES: dict[tuple, tuple[Path, torch.nn.Module]] = {}
+
+
 def make_run_folder(
     folder: Path,
     *,
@@ -34,7 +41,26 @@ def make_run_folder(
     tokenizer: bool = True,
     seed: int = 0,
 ) -> torch.nn.Module:
-    """A run folder as `training/train_lm.py` writes it, around a tiny GPT-2-shaped model; returns the model."""
+    """A run folder as `training/train_lm.py` writes it, around a tiny GPT-2-shaped model; returns the model.
+
+    Written once per set of arguments and copied into `folder` after that (a test that changes its folder changes
+    only its copy); the model returned is a copy too."""
+    key = (head, run_info, log_history, tokenizer, seed)
+    if key not in _TEMPLATES:
+        template = Path(tempfile.mkdtemp(prefix="hf_gpt-run-folder-"))
+        atexit.register(shutil.rmtree, template, ignore_errors=True)
+        model = write_run_folder(
+            template, head=head, run_info=run_info, log_history=log_history, tokenizer=tokenizer, seed=seed
+        )
+        _TEMPLATES[key] = (template, model)
+    template, model = _TEMPLATES[key]
+    shutil.copytree(template, folder, dirs_exist_ok=True)
+    return copy.deepcopy(model)
+
+
+def write_run_folder(
+    folder: Path, *, head: str, run_info: bool, log_history: bool, tokenizer: bool, seed: int
+) -> torch.nn.Module:
     torch.manual_seed(seed)
     # GPT-2's vocabulary, so that the offline GPT-2 tokenizer fits; weights large enough that outputs are peaked.
     config = GPTConfig(n_positions=64, n_embd=32, n_layer=2, n_head=2, initializer_range=0.2)
@@ -111,14 +137,24 @@ def run_folder(tmp_path):
     return folder, model
 
 
+@pytest.fixture(scope="module")
+def carded(tmp_path_factory):
+    """(run folder with its card written, the model, what write_card returned), for the tests that only read it:
+    rendering a card takes most of a second."""
+    folder = tmp_path_factory.mktemp("carded") / "tiny-shakespeare-gpt"
+    folder.mkdir()
+    model = make_run_folder(folder)
+    return folder, model, write_card(folder)
+
+
 def card_of(folder: Path) -> tuple[str, ModelCard]:
     text = (folder / "README.md").read_text(encoding="utf-8")
     return text, ModelCard.load(folder / "README.md")
 
 
-def test_card_metadata_parses_and_model_index_reads_back(run_folder):
-    folder, _ = run_folder
-    assert write_card(folder) == folder / "README.md"
+def test_card_metadata_parses_and_model_index_reads_back(carded):
+    folder, _, written = carded
+    assert written == folder / "README.md"
     text, card = card_of(folder)
     data = card.data.to_dict()
     assert data["library_name"] == "transformers"
@@ -137,9 +173,8 @@ def test_card_metadata_parses_and_model_index_reads_back(run_folder):
     assert validate_card(text, folder) == []
 
 
-def test_card_describes_model_training_and_evaluation(run_folder):
-    folder, model = run_folder
-    write_card(folder)
+def test_card_describes_model_training_and_evaluation(carded):
+    folder, model, _ = carded
     text, card = card_of(folder)
     for heading in (
         "## Model details",
@@ -326,9 +361,8 @@ def test_hf_gpt_card_command(run_folder, capsys):
         (lambda t: t.replace("value: 4.8123", "value: .nan"), "has value nan"),
     ],
 )
-def test_validate_card_catches_broken_cards(run_folder, mutate, problem):
-    folder, _ = run_folder
-    write_card(folder)
+def test_validate_card_catches_broken_cards(carded, mutate, problem):
+    folder, _, _ = carded
     text = (folder / "README.md").read_text()
     broken = mutate(text)
     assert broken != text

@@ -25,6 +25,8 @@ from transformers import pipeline
 import hf_gpt
 from model_cards.generate import write_card
 
+pytestmark = pytest.mark.slow  # each test reads the results of a fresh interpreter (several seconds)
+
 HF_GPT_DIR = str(Path(hf_gpt.__file__).resolve().parent)
 PROMPT = "ROMEO:"
 IDS = [[464, 2068, 7586, 21831, 11687, 625, 262, 16931, 3290, 13]]  # GPT-2 ids of an ordinary sentence
@@ -107,15 +109,14 @@ def run_isolated(script: str, workdir: Path, **values) -> dict:
     return result
 
 
-def publish(tmp_path_factory, head: str) -> tuple[torch.nn.Module, Path, Path]:
+def publish(tmp_path_factory, head: str, work: Path) -> tuple[torch.nn.Module, Path]:
     """Save a run folder with hf_gpt, write its card, and copy it where a Hub user's download would land."""
     run = tmp_path_factory.mktemp(f"run-{head}")
     model = make_run_folder(run, head=head)
     write_card(run)
-    work = tmp_path_factory.mktemp(f"user-{head}")
-    folder = work / "downloaded-gpt"
+    folder = work / f"downloaded-gpt-{head}"
     shutil.copytree(run, folder, ignore=shutil.ignore_patterns("checkpoint-*", "runs"))
-    return model, folder, work
+    return model, folder
 
 
 def usage_code(folder: Path) -> str:
@@ -128,13 +129,18 @@ def usage_code(folder: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def causal(tmp_path_factory):
-    model, folder, work = publish(tmp_path_factory, "causal")
+def published(tmp_path_factory):
+    """A language model and an entailment head, each published with its card, loaded through the Auto classes in
+    one clean interpreter (a second would only repeat its seconds of imports). Returns (the language model, the
+    head, the subprocess's RESULT, the tensors it saved)."""
+    work = tmp_path_factory.mktemp("user")
+    model, folder = publish(tmp_path_factory, "causal", work)
+    head, head_folder = publish(tmp_path_factory, "entailment", work)
     out_file = work / "outputs.pt"
     result = run_isolated(
         """
         import contextlib, io
-        from transformers import AutoModel, AutoModelForCausalLM, pipeline
+        from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, pipeline
         folder = {folder!r}
         model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
         base = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
@@ -148,15 +154,32 @@ def causal(tmp_path_factory):
         with contextlib.redirect_stdout(printed):
             exec({snippet!r}, {{}})
         RESULT["snippet_output"] = printed.getvalue()
+
+        head = AutoModelForSequenceClassification.from_pretrained({head_folder!r}, trust_remote_code=True).eval()
+        with torch.no_grad():
+            RESULT["head_logits"] = head(torch.tensor({ids!r})).logits.tolist()
+        RESULT["head_class"] = type(head).__module__ + "." + type(head).__name__
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            exec({head_snippet!r}, {{}})
+        RESULT["head_snippet_output"] = printed.getvalue()
         """,
         work,
         folder=str(folder),
+        head_folder=str(head_folder),
         ids=IDS,
         out_file=str(out_file),
         prompt=PROMPT,
         snippet=usage_code(folder),
+        head_snippet=usage_code(head_folder),
     )
-    return model, result, torch.load(out_file)
+    return model, head, result, torch.load(out_file)
+
+
+@pytest.fixture(scope="module")
+def causal(published):
+    model, _, result, outputs = published
+    return model, result, outputs
 
 
 def greedy_in_process(model, prompt: str, max_new_tokens: int) -> str:
@@ -193,34 +216,16 @@ def test_card_usage_code_runs_without_hf_gpt(causal):
     assert result["snippet_output"].startswith(greedy_in_process(model, PROMPT, 40) + "\n")
 
 
-def test_task_head_loads_through_its_auto_class(tmp_path_factory):
-    model, folder, work = publish(tmp_path_factory, "entailment")
-    result = run_isolated(
-        """
-        import contextlib, io
-        from transformers import AutoModelForSequenceClassification
-        head = AutoModelForSequenceClassification.from_pretrained({folder!r}, trust_remote_code=True).eval()
-        with torch.no_grad():
-            RESULT["logits"] = head(torch.tensor({ids!r})).logits.tolist()
-        RESULT["class"] = type(head).__module__ + "." + type(head).__name__
-        printed = io.StringIO()
-        with contextlib.redirect_stdout(printed):
-            exec({snippet!r}, {{}})
-        RESULT["snippet_output"] = printed.getvalue()
-        """,
-        work,
-        folder=str(folder),
-        ids=IDS,
-        snippet=usage_code(folder),
-    )
-    assert result["class"].startswith("transformers_modules.") and result["class"].endswith(
+def test_task_head_loads_through_its_auto_class(published):
+    _, model, result, _ = published
+    assert result["head_class"].startswith("transformers_modules.") and result["head_class"].endswith(
         "modeling_gpt.GPTForSequenceClassification"
     )
     with torch.no_grad():
         expected = model(torch.tensor(IDS)).logits
-    assert torch.equal(torch.tensor(result["logits"]), expected)  # float32 -> float -> float32 is exact
+    assert torch.equal(torch.tensor(result["head_logits"]), expected)  # float32 -> float -> float32 is exact
     # The card's usage code classifies its example and prints a label name.
     with torch.no_grad():
         tok = hf_gpt.gpt2_tokenizer(model_max_length=64)
         label = model.config.id2label[int(model(**tok(PROMPT, return_tensors="pt")).logits.argmax(-1))]
-    assert result["snippet_output"] == label + "\n"
+    assert result["head_snippet_output"] == label + "\n"
