@@ -155,21 +155,36 @@ def gpt2_50k(tmp_path_factory):
     return folder, text
 
 
-def eval_ppl(*args: str) -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "hf_gpt.cli", "eval-ppl", *args], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.strip().splitlines()
-    assert lines[0].startswith("perplexity ")
-    return json.loads(lines[-1])
+def eval_ppl(*commands: list[str]) -> list[dict]:
+    """`hf-gpt eval-ppl` with each argument list, as command lines started at once (each a fresh interpreter, seconds
+    of imports: side by side they use both cores). Returns each run's JSON line."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "hf_gpt.cli", "eval-ppl", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for args in commands
+    ]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        lines = out.strip().splitlines()
+        assert lines[0].startswith("perplexity ")
+        results.append(json.loads(lines[-1]))
+    return results
 
 
+@pytest.mark.slow
 def test_eval_ppl_cli_same_for_ours_and_transformers(gpt2_50k, capsys):
     folder, text = gpt2_50k
-    theirs = eval_ppl(str(folder), str(text), "--stride", "32")
-    ours = eval_ppl(str(folder), str(text), "--stride", "32", "--hf-gpt")
+    theirs, ours = eval_ppl(
+        [str(folder), str(text), "--stride", "32"], [str(folder), str(text), "--stride", "32", "--hf-gpt"]
+    )
     assert theirs["model_class"] == "GPT2LMHeadModel" and ours["model_class"] == "GPTForCausalLM"
     assert ours["perplexity"] == pytest.approx(theirs["perplexity"], rel=1e-4)
     assert ours["n_tokens"] == theirs["n_tokens"] > 300
@@ -189,15 +204,13 @@ def test_eval_ppl_cli_same_for_ours_and_transformers(gpt2_50k, capsys):
     assert results[True]["perplexity"] != pytest.approx(ours["perplexity"], rel=1e-6)  # the stride matters
 
 
-def test_eval_ppl_cli_error_is_clear(tmp_path):
+def test_eval_ppl_cli_error_is_clear(tmp_path, capsys):
+    """(In this process, through the same `hf_gpt.cli.main` the console script calls; the runs above are real
+    processes.)"""
+    from hf_gpt.cli import main
+
     text = tmp_path / "t.txt"
     text.write_text("hello")
-    proc = subprocess.run(
-        [sys.executable, "-m", "hf_gpt.cli", "eval-ppl", str(tmp_path / "missing"), str(text)],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, HF_HUB_OFFLINE="1"),
-        timeout=300,
-    )
-    assert proc.returncode == 1
-    assert "hf-gpt eval-ppl: error:" in proc.stderr and "Traceback" not in proc.stderr
+    assert main(["eval-ppl", str(tmp_path / "missing"), str(text)]) == 1
+    err = capsys.readouterr().err
+    assert "hf-gpt eval-ppl: error:" in err and "Traceback" not in err
