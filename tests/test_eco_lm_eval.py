@@ -9,6 +9,7 @@ checked against the same model computed here directly.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import re
@@ -19,7 +20,12 @@ from test_remote_code import run_isolated
 
 from hf_gpt import GPTConfig, GPTForCausalLM, gpt2_tokenizer
 
-pytest.importorskip("lm_eval", reason="pip install -e '.[ecosystem]'")
+# Slow: lm_eval runs in a fresh interpreter. (A skip mark rather than a module-level importorskip: the tests are
+# still collected, and reported as skipped.)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="pip install -e '.[ecosystem]'"),
+]
 
 # Famous lines (public domain), split where a reader would be asked to complete them.
 LINES = [

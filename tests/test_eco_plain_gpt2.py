@@ -25,7 +25,7 @@ IDS = [[2514, 307, 11, 393, 407, 284, 307, 11, 326, 318, 262, 1808]]  # GPT-2 id
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """(our model, plain folder, what vanilla transformers computed from it in an isolated Python)."""
+    """(our model, the plain folder `export_to_transformers` wrote)."""
     torch.manual_seed(0)
     cfg = GPTConfig.from_preset("gpt2", n_positions=128, n_embd=32, n_layer=2, n_head=2, initializer_range=0.1)
     model = GPTForCausalLM(cfg).eval()
@@ -34,6 +34,12 @@ def exported(tmp_path_factory):
             block.attn.c_attn.weight[: 2 * model.config.n_embd] *= 6.0
     work = tmp_path_factory.mktemp("plain_gpt2")
     assert export_to_transformers(model, work / "plain") == "gpt2"
+    return model, work / "plain"
+
+
+@pytest.mark.slow  # vanilla transformers runs in a fresh interpreter
+def test_export_loads_in_vanilla_transformers_with_same_outputs(exported, tmp_path):
+    model, folder = exported
     result = run_isolated(
         """
         import torch
@@ -45,18 +51,13 @@ def exported(tmp_path_factory):
         pipe = pipeline("text-generation", model=model, tokenizer=AutoTokenizer.from_pretrained({folder!r}))
         RESULT["text"] = pipe({prompt!r}, max_new_tokens=20, do_sample=False)[0]["generated_text"]
         """,
-        work,
-        folder=str(work / "plain"),
+        tmp_path,
+        folder=str(folder),
         ids=IDS,
-        logits=str(work / "logits.pt"),
+        logits=str(tmp_path / "logits.pt"),
         prompt=PROMPT,
     )
-    result["logits"] = torch.load(work / "logits.pt")
-    return model, work / "plain", result
-
-
-def test_export_loads_in_vanilla_transformers_with_same_outputs(exported):
-    model, _, result = exported
+    result["logits"] = torch.load(tmp_path / "logits.pt")
     assert result["class"] == "transformers.models.gpt2.modeling_gpt2.GPT2LMHeadModel"
     with torch.no_grad():
         ours = model(torch.tensor(IDS)).logits
@@ -70,7 +71,7 @@ def test_export_loads_in_vanilla_transformers_with_same_outputs(exported):
 
 
 def test_export_has_what_vllm_and_llama_cpp_read(exported):
-    _, folder, _ = exported
+    _, folder = exported
     cfg = json.loads((folder / "config.json").read_text())
     assert cfg["architectures"] == ["GPT2LMHeadModel"] and cfg["model_type"] == "gpt2"
     assert "auto_map" not in cfg  # nothing to trust: no custom code
@@ -88,5 +89,5 @@ def test_export_has_what_vllm_and_llama_cpp_read(exported):
 
 
 def test_export_config_has_n_ctx_for_llama_cpp(exported):
-    model, folder, _ = exported
+    model, folder = exported
     assert json.loads((folder / "config.json").read_text()).get("n_ctx") == model.config.n_positions

@@ -5,6 +5,7 @@ gets a 4xx with a message while the server keeps answering, and SIGTERM stops it
 from __future__ import annotations
 
 import http.client
+import importlib.util
 import json
 import os
 import signal
@@ -19,9 +20,11 @@ import torch
 
 from hf_gpt import GPTConfig, GPTForCausalLM, gpt2_tokenizer
 
-openai = pytest.importorskip("openai")
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
+# A skip mark rather than a module-level importorskip: the tests are still collected (and reported as skipped).
+pytestmark = pytest.mark.skipif(
+    any(importlib.util.find_spec(name) is None for name in ("openai", "fastapi", "uvicorn")),
+    reason="pip install -e '.[serve]'",
+)
 
 N_POSITIONS = 64
 PROMPTS = ["Hello there", "The quick brown fox", "Once upon a time, in a land", "1 2 3"]
@@ -52,7 +55,9 @@ def served(tmp_path_factory):
     port = free_port()
     log = open(folder.parent / "server.log", "w+")  # noqa: SIM115 (closed below)
     cmd = [sys.executable, "-m", "hf_gpt.cli", "serve", str(folder), "--port", str(port), "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "NO_PROXY": "127.0.0.1"})
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "NO_PROXY": "127.0.0.1", "OMP_NUM_THREADS": "1"}
+    )
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
@@ -65,6 +70,8 @@ def served(tmp_path_factory):
             except OSError:
                 pass
             time.sleep(0.25)
+        import openai
+
         client = openai.OpenAI(
             base_url=f"http://127.0.0.1:{port}/v1",
             api_key="unused",
@@ -110,6 +117,7 @@ def complete(served, prompt, n: int, **kw):
     )
 
 
+@pytest.mark.slow  # the server process
 def test_greedy_completions_equal_generate(served):
     for prompt in PROMPTS:
         want = greedy_ids(served, prompt, 12)
@@ -137,6 +145,7 @@ def test_greedy_completions_equal_generate(served):
     assert [m.id for m in served["client"].models.list().data] == [served["name"]]
 
 
+@pytest.mark.slow  # the server process
 def test_concurrent_burst_all_answered_correctly(served):
     """12 requests at once go through continuous batching together; each gets its own generate() tokens."""
     want = [greedy_ids(served, prompt, 8) for prompt in BURST]
@@ -147,6 +156,7 @@ def test_concurrent_burst_all_answered_correctly(served):
     assert [a.choices[0].model_extra["token_ids"] for a in answers] == want
 
 
+@pytest.mark.slow  # the server process
 def test_chat_completions_equal_generate(served):
     """Chat renders the messages with the tokenizer's chat template, then decodes as a completion does."""
     messages = [{"role": "user", "content": "Tell me about the sea"}]
@@ -179,6 +189,7 @@ def test_chat_needs_a_chat_template():
 LONG = " ".join(["word"] * (N_POSITIONS + 10))  # more tokens than the context holds
 
 
+@pytest.mark.slow  # the server process
 @pytest.mark.parametrize(
     "body, param, says",
     [
@@ -195,6 +206,8 @@ LONG = " ".join(["word"] * (N_POSITIONS + 10))  # more tokens than the context h
     ],
 )
 def test_bad_request_gets_4xx_and_the_server_goes_on(served, body, param, says):
+    import openai
+
     with pytest.raises(openai.BadRequestError) as caught:
         served["client"].completions.create(model=served["name"], **body)
     assert caught.value.status_code == 400
@@ -205,6 +218,7 @@ def test_bad_request_gets_4xx_and_the_server_goes_on(served, body, param, says):
     )
 
 
+@pytest.mark.slow  # the server process
 @pytest.mark.parametrize(
     "path, body, says",
     [
@@ -223,6 +237,7 @@ def test_malformed_body_and_long_chat_get_400(served, path, body, says):
     )
 
 
+@pytest.mark.slow  # the server process
 def test_sigterm_stops_the_server_cleanly(served):
     """Last in this file: the server process exits by itself, with status 0, soon after SIGTERM."""
     proc = served["proc"]
