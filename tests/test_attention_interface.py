@@ -34,6 +34,11 @@ VARIANTS = {
 CPU_IMPLEMENTATIONS = ["eager", "sdpa", "flex_attention"]
 
 
+def params(implementations: list[str]) -> list:
+    """Flex attention compiles its kernels through inductor (seconds warm, tens of seconds on a cold cache): slow."""
+    return [pytest.param(i, marks=pytest.mark.slow) if i == "flex_attention" else i for i in implementations]
+
+
 def peaked_model(variant: str, seed: int = 0, attn_scale: float = 4.0, **kw) -> GPTForCausalLM:
     """A small model whose attention is peaked (weights scaled up), so that a wrong mask changes the logits, and
     whose greedy continuations vary (not one token repeated, which any mask would give)."""
@@ -97,7 +102,7 @@ def test_model_dispatches_like_transformers_models():
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("implementation", CPU_IMPLEMENTATIONS[1:])
+@pytest.mark.parametrize("implementation", params(CPU_IMPLEMENTATIONS[1:]))
 def test_implementation_matches_eager(variant, implementation):
     """Left-padded forward (positions from the mask), then greedy decoding on a dynamic and on a static cache:
     the same logits (real tokens) and the same tokens as the written-out attention."""
@@ -126,6 +131,7 @@ def test_implementation_matches_eager(variant, implementation):
         assert torch.equal(other.generate(ids, cache_implementation="static", **kw), reference)
 
 
+@pytest.mark.slow  # a second each: generate() per prompt, then the paged cache's batch
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
 def test_continuous_batching_gives_generate_tokens(variant, implementation):
@@ -214,7 +220,7 @@ def decisive_model(variant: str, ids: torch.Tensor, mask: torch.Tensor) -> GPTFo
     raise AssertionError("no seed gave a model without near-ties")
 
 
-@pytest.mark.parametrize("implementation", CPU_IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", params(CPU_IMPLEMENTATIONS))
 def test_bf16_decoding_matches_fp32(implementation):
     """bf16 decoding (several left-padded rows on a cache, and one row through `one_row_matmuls`) against fp32:
     a decoding step's logits within 2e-2 of their scale, and the same greedy tokens."""
@@ -285,6 +291,7 @@ if torch.distributed.get_rank() == 0:
 """
 
 
+@pytest.mark.slow  # torchrun and two worker processes
 @pytest.mark.skipif(
     importlib.util.find_spec("transformers.distributed.tensor_parallel") is None, reason="no tensor parallelism"
 )

@@ -10,6 +10,8 @@ import pytest
 
 from benchmarks import bench, gpu_bench
 
+pytestmark = pytest.mark.slow  # the quick bench runs each model's rows in fresh processes; the GPU bench traces
+
 ROWS = [
     "train fp32",
     "train bf16",
@@ -62,7 +64,8 @@ def test_quick_bench_reports_every_row_with_sane_numbers(quick_result):
 
 
 def test_gpu_bench_dry_run_on_cpu(tmp_path):
-    assert gpu_bench.main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
+    # (two timed steps per training row, not ten: nothing here reads the times but for being positive)
+    assert gpu_bench.main(["--device", "cpu", "--quick", "--steps", "2", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "gpu_bench.json").read_text())
     assert result["errors"] == {}, result["errors"]
     assert result["parity"]["identical"] and result["parity"]["greedy_equal"]

@@ -58,6 +58,7 @@ def rescore(run_dir, task: str) -> dict[str, float]:
     return task_scores(task, logits.numpy(), batch["labels"].numpy())
 
 
+@pytest.mark.slow  # a Trainer run
 @pytest.mark.parametrize("task", ["classification", "entailment", "similarity", "multiple_choice"])
 def test_finetune_each_task_type_end_to_end(task, toy_corpus, toy_lm, tmp_path):
     out = tmp_path / "run"
@@ -81,6 +82,7 @@ def test_finetune_each_task_type_end_to_end(task, toy_corpus, toy_lm, tmp_path):
     assert again["accuracy"] == pytest.approx(info["metrics"]["accuracy"], abs=1e-6)
 
 
+@pytest.mark.slow  # a Trainer run
 def test_classification_learns_the_genre_from_scratch(toy_corpus, tmp_path, monkeypatch):
     """On the toy corpus the genre shows in the words: a tiny model trained briefly must beat chance clearly."""
     argv = ["--task", "classification", "--from_scratch", "--n_layer", "1", "--n_embd", "32", "--n_head", "2"]
@@ -134,6 +136,7 @@ def test_a_gpt2_checkpoint_is_a_base_model(tmp_path):
     torch.testing.assert_close(model.transformer.h[1].mlp.c_fc.weight, ref.transformer.h[1].mlp.c_fc.weight.T)
 
 
+@pytest.mark.slow  # a Trainer run
 def test_regression_dataset_reports_pearson_and_spearman(toy_lm, tmp_path, monkeypatch):
     """The online path (an STS-B shaped dataset, mocked here) trains a regression head with correlations."""
     rng = np.random.default_rng(0)

