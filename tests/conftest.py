@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import queue
 import random
+import shutil
+import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -125,3 +129,141 @@ def text_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("text") / "tiny.txt"
     path.write_text("\n".join(lines))
     return path
+
+
+# ---------------------------------------------------------------- work started early, on the second core
+#
+# A fresh interpreter (hf-gpt convert, lm_eval, torchrun, the quick bench's children...) spends seconds importing
+# torch and transformers, while this process, on one thread, waits with the second core idle. A module registers
+# such work with `@early("fixture_name")`: a function that prepares its inputs (models, folders) and returns a
+# callable that runs the subprocesses and returns the result. When the session starts, the work that selected tests
+# will need is prepared here, one job after another (the global RNG is restored after each, so the tests draw what
+# they drew before), and the subprocess parts run in one background thread, one at a time, on the other core,
+# while the tests go on. The modules that read such results run last, so that the work is done by then. A fixture
+# gets what was prepared with `early_prepared(name)` at once, and the result with `early_result(name)`.
+
+
+class _EarlyJob:
+    def __init__(self, name: str, prepare) -> None:
+        self.name, self.prepare = name, prepare
+        self.prepared = self.result = self.error = self.run = None
+        self.done = threading.Event()
+        self.workdir: Path | None = None
+        self.queued = False
+
+    def start_preparing(self) -> None:
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"hf_gpt-{self.name}-"))
+        try:
+            with torch.random.fork_rng():
+                self.prepared, self.run = self.prepare(self.workdir)
+        except BaseException as e:  # reported by the fixture that asks, as its own error
+            self.error = e
+            self.done.set()
+
+    def execute(self) -> None:
+        if self.done.is_set():
+            return
+        try:
+            self.result = self.run()
+        except BaseException as e:
+            self.error = e
+        finally:
+            self.done.set()
+
+
+_EARLY_WORK: dict[str, object] = {}  # fixture name -> prepare(workdir) -> (prepared, run)
+_early_jobs: dict[str, _EarlyJob] = {}
+_early_thread: threading.Thread | None = None
+
+
+def early(name: str):
+    """Register `prepare(workdir) -> (prepared, run)` as the early work behind fixture `name`."""
+
+    def register(prepare):
+        _EARLY_WORK[name] = prepare
+        return prepare
+
+    return register
+
+
+def _early_job(name: str) -> _EarlyJob:
+    job = _early_jobs.get(name)
+    if job is None:  # not foreseen at the start: prepared now, and run here when its result is asked for
+        job = _early_jobs[name] = _EarlyJob(name, _EARLY_WORK[name])
+        job.start_preparing()
+    return job
+
+
+def early_prepared(name: str):
+    """What the early work `name` prepared (its inputs: models, folders), without waiting for its subprocesses."""
+    job = _early_job(name)
+    if job.run is None and job.error is not None:
+        raise job.error
+    return job.prepared
+
+
+def early_result(name: str):
+    """The result of the early work `name`, once its subprocesses have finished."""
+    job = _early_job(name)
+    if not job.queued:
+        job.execute()
+    job.done.wait()
+    if job.error is not None:
+        raise job.error
+    return job.result
+
+
+def _uses_early_work(item: pytest.Item) -> bool:
+    return any(name in _EARLY_WORK for name in getattr(item, "fixturenames", ()))
+
+
+def _skipped(item: pytest.Item) -> bool:
+    """Whether a skip mark (or a skipif whose condition is already known true) leaves the test out."""
+    return any(
+        mark.name == "skip" or (mark.name == "skipif" and mark.args and mark.args[0] is True)
+        for mark in item.iter_markers()
+    )
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(session, config, items):
+    """Modules that read early work run after all the others (whole modules, in their own order)."""
+    late = {getattr(item, "module", None) for item in items if _uses_early_work(item)}
+    items[:] = [i for i in items if getattr(i, "module", None) not in late] + [
+        i for i in items if getattr(i, "module", None) in late
+    ]
+
+
+def pytest_collection_finish(session):
+    global _early_thread
+    if session.config.option.collectonly:
+        return
+    for item in session.items:
+        if _skipped(item):
+            continue
+        for name in getattr(item, "fixturenames", ()):
+            if name in _EARLY_WORK and name not in _early_jobs:
+                _early_jobs[name] = _EarlyJob(name, _EARLY_WORK[name])
+    if not _early_jobs:
+        return
+    ready: queue.Queue = queue.Queue()
+
+    def work() -> None:
+        while (job := ready.get()) is not None:
+            job.execute()
+
+    _early_thread = threading.Thread(target=work, name="early-work", daemon=True)
+    _early_thread.start()
+    for job in _early_jobs.values():  # each starts running as soon as it is prepared
+        job.start_preparing()
+        job.queued = True
+        ready.put(job)
+    ready.put(None)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _early_thread is not None:
+        _early_thread.join()  # (no subprocess outlives the session)
+    for job in _early_jobs.values():
+        if job.workdir is not None:
+            shutil.rmtree(job.workdir, ignore_errors=True)

@@ -16,9 +16,11 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import early, early_prepared, early_result
 from transformers import GenerationConfig
 from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer, StaticCache
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -291,27 +293,45 @@ if torch.distributed.get_rank() == 0:
 """
 
 
+@early("tensor_parallel_run")
+def run_tensor_parallel(work: Path):
+    """Prepared: a GPT-3-layout model saved with the ids to score, and its single-process logits. Run in the
+    background (conftest's `early`): `torchrun --nproc_per_node 2` of TP_SCRIPT on it. Returns (the single-process
+    logits, the CompletedProcess, the file the sharded run's logits are saved in)."""
+    model = peaked_model("gpt3", n_head=4)
+    model.save_pretrained(work / "model")
+    ids = torch.tensor([[5, 9, 3, 17, 22, 8, 1, 40], [7, 7, 2, 30, 11, 4, 6, 9]])
+    torch.save(ids, work / "model" / "ids.pt")
+    with torch.no_grad():
+        want = model(ids).logits
+    script = work / "tp.py"
+    script.write_text(TP_SCRIPT)
+
+    def run() -> subprocess.CompletedProcess:
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)]
+        return subprocess.run(
+            [*cmd, str(work / "model"), str(work / "out.pt")], capture_output=True, text=True, env=env, timeout=300
+        )
+
+    return (want, work / "out.pt"), run
+
+
+@pytest.fixture(scope="module")
+def tensor_parallel_run():
+    return early_result("tensor_parallel_run")
+
+
 @pytest.mark.slow  # torchrun and two worker processes
 @pytest.mark.skipif(
     importlib.util.find_spec("transformers.distributed.tensor_parallel") is None, reason="no tensor parallelism"
 )
-def test_tensor_parallel_from_pretrained_matches_one_process(tmp_path):
+def test_tensor_parallel_from_pretrained_matches_one_process(tensor_parallel_run):
     """`from_pretrained(folder, tp_plan="auto")` under `torchrun --nproc_per_node 2` on CPU (gloo): the blocks
     sharded by config.base_model_tp_plan give the single-process logits within 1e-5."""
-    model = peaked_model("gpt3", n_head=4)
-    model.save_pretrained(tmp_path / "model")
-    ids = torch.tensor([[5, 9, 3, 17, 22, 8, 1, 40], [7, 7, 2, 30, 11, 4, 6, 9]])
-    torch.save(ids, tmp_path / "model" / "ids.pt")
-    with torch.no_grad():
-        want = model(ids).logits
-    script = tmp_path / "tp.py"
-    script.write_text(TP_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)]
-    run = subprocess.run(
-        [*cmd, str(tmp_path / "model"), str(tmp_path / "out.pt")], capture_output=True, text=True, env=env, timeout=300
-    )
+    want, out = early_prepared("tensor_parallel_run")
+    run = tensor_parallel_run
     assert run.returncode == 0, run.stderr[-3000:]
-    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    got = torch.load(out, weights_only=True)
     assert (got - want).abs().max() < 1e-5
     assert want.abs().max() > 1  # (not a degenerate model whose logits are all near 0)

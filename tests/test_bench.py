@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
-
-from benchmarks import bench, gpu_bench
+from conftest import early, early_result
 
 pytestmark = pytest.mark.slow  # the quick bench runs each model's rows in fresh processes; the GPU bench traces
 
@@ -26,11 +29,52 @@ ROWS = [
 ]
 
 
+def bench_command(module: str, *args: str) -> Callable[[], dict]:
+    """`python -m benchmarks.<module> ARGS`, run to completion; returns its exit status, output and JSON result."""
+
+    def run() -> dict:
+        proc = subprocess.run(
+            [sys.executable, "-m", f"benchmarks.{module}", *args],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, OMP_NUM_THREADS="1"),
+            timeout=900,
+        )
+        return dict(returncode=proc.returncode, stderr=proc.stderr)
+
+    return run
+
+
+@early("quick_result")
+def run_quick_bench(workdir: Path):
+    """`hf-gpt bench --quick` as a command line (each model's training and memory rows run in fresh processes of
+    their own: most of a minute, spent on the second core while other tests run)."""
+    out = workdir / "bench.json"
+    run = bench_command("bench", "--quick", "--threads", "1", "--json", str(out))
+    return None, lambda: {**run(), "json": out}
+
+
+@early("gpu_bench_result")
+def run_gpu_bench(workdir: Path):
+    """The GPU script's CPU dry run, as a command line. (Two timed steps per training row, not ten: nothing here reads
+    the times but for being positive.)"""
+    run = bench_command("gpu_bench", "--device", "cpu", "--quick", "--steps", "2", "--out", str(workdir))
+    return None, lambda: {**run(), "json": workdir / "gpu_bench.json"}
+
+
+def read(result: dict) -> dict:
+    assert result["returncode"] == 0, result["stderr"][-3000:]
+    return json.loads(result["json"].read_text())
+
+
 @pytest.fixture(scope="module")
-def quick_result(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench") / "bench.json"
-    assert bench.main(["--quick", "--threads", "1", "--json", str(out)]) == 0
-    return json.loads(out.read_text())
+def quick_result():
+    return read(early_result("quick_result"))
+
+
+@pytest.fixture(scope="module")
+def gpu_bench_result():
+    return read(early_result("gpu_bench_result"))
 
 
 def test_quick_bench_starts_from_identical_models(quick_result):
@@ -63,10 +107,8 @@ def test_quick_bench_reports_every_row_with_sane_numbers(quick_result):
     assert ">= 2.0" in quick_result["table"]
 
 
-def test_gpu_bench_dry_run_on_cpu(tmp_path):
-    # (two timed steps per training row, not ten: nothing here reads the times but for being positive)
-    assert gpu_bench.main(["--device", "cpu", "--quick", "--steps", "2", "--out", str(tmp_path)]) == 0
-    result = json.loads((tmp_path / "gpu_bench.json").read_text())
+def test_gpu_bench_dry_run_on_cpu(gpu_bench_result):
+    result = gpu_bench_result
     assert result["errors"] == {}, result["errors"]
     assert result["parity"]["identical"] and result["parity"]["greedy_equal"]
     names = [r["name"] for r in result["rows"]]

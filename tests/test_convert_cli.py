@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import sharpen_attention
+from conftest import early, early_prepared, early_result, sharpen_attention
 from safetensors import safe_open
 from transformers import (
     AutoTokenizer,
@@ -33,7 +33,7 @@ from hf_gpt.cli import main as hf_gpt_main
 from hf_gpt.convert_cli import write_atomically
 
 HELLO_IDS = [15496, 11, 314, 1101, 257, 3303, 2746, 11]
-# Two of these run at once on two cores: one thread each, or OpenMP's spinning threads fight.
+# One thread each: they run beside the tests, and two OpenMP threads on a busy 2-core machine spin-wait.
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
 
 
@@ -53,54 +53,12 @@ def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
+def run_cli(*args: str) -> subprocess.CompletedProcess:
     return finish(start(*args))
-
-
-@pytest.fixture(scope="module")
-def gpt2_50k(tmp_path_factory):
-    """A tiny GPT-2 over the real GPT-2 vocabulary (so the GPT-2 tokenizer applies), saved by transformers."""
-    torch.manual_seed(0)
-    ref = GPT2LMHeadModel(GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=2, initializer_range=0.1)).eval()
-    sharpen_attention(ref)
-    folder = tmp_path_factory.mktemp("gpt2_50k")
-    ref.save_pretrained(folder)
-    return ref, folder
-
-
-@pytest.fixture(scope="module")
-def error_inputs(gpt2_50k, tmp_path_factory):
-    """(name -> (command line, expected phrase in stderr), the folder holding the broken inputs)."""
-    _, gpt2_src = gpt2_50k
-    root = tmp_path_factory.mktemp("inputs")
-    return make_error_cases(root, gpt2_src), root
 
 
 # The broken input that also runs as a real process: its exit status, and a pickle that must not run there either.
 PROCESS_ERROR_CASE = "unsafe pickle"
-
-
-@pytest.fixture(scope="module")
-def cli_runs(gpt2_50k, error_inputs, tmp_path_factory):
-    """The conversion and one broken input as command lines, started at once (two fresh interpreters side by side
-    use both cores). Returns name -> (CompletedProcess, DST)."""
-    _, gpt2_src = gpt2_50k
-    cases, _ = error_inputs
-    root = tmp_path_factory.mktemp("cli")
-    jobs = {
-        "convert gpt2": (["convert", str(gpt2_src)], root / "ours"),
-        PROCESS_ERROR_CASE: (cases[PROCESS_ERROR_CASE][0], root / "outputs" / "dst"),
-    }
-    procs = {name: (start(*args, str(dst)), dst) for name, (args, dst) in jobs.items()}
-    return {name: (finish(p), dst) for name, (p, dst) in procs.items()}
-
-
-@pytest.fixture(scope="module")
-def converted(cli_runs):
-    proc, dst = cli_runs["convert gpt2"]
-    assert proc.returncode == 0, proc.stderr
-    return dst, proc
-
 
 ISOLATED_LOAD = r"""
 import importlib.util, sys
@@ -123,22 +81,71 @@ with torch.no_grad():
 """
 
 
+@early("cli_runs")
+def run_command_lines(workdir: Path):
+    """Prepared: a tiny GPT-2 over the real GPT-2 vocabulary (so that the GPT-2 tokenizer applies) saved by
+    transformers, and the broken inputs. Run in the background (conftest's `early`), one after another: `hf-gpt
+    convert` of that folder, the broken input `PROCESS_ERROR_CASE`, then `hf-gpt export` of the converted folder and a
+    Python that loads it with trust_remote_code while hf_gpt cannot be imported. The outputs land in `workdir`."""
+    torch.manual_seed(0)
+    ref = GPT2LMHeadModel(GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=2, initializer_range=0.1)).eval()
+    sharpen_attention(ref)
+    src = workdir / "gpt2_50k"
+    ref.save_pretrained(src)
+    cases = make_error_cases(workdir / "inputs", src)
+    ours, error_dst = workdir / "ours", workdir / "outputs" / "dst"
+
+    def run() -> dict:
+        results = {"convert gpt2": (run_cli("convert", str(src), str(ours)), ours)}
+        results[PROCESS_ERROR_CASE] = (run_cli(*cases[PROCESS_ERROR_CASE][0], str(error_dst)), error_dst)
+        if results["convert gpt2"][0].returncode == 0:
+            results["export"] = run_cli("export", str(ours), str(workdir / "plain"))
+            isolated = subprocess.Popen(
+                [sys.executable, "-I", "-c", ISOLATED_LOAD, str(ours), str(workdir / "logits.pt")],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=dict(ENV, HF_MODULES_CACHE=str(workdir / "modules")),
+            )
+            results["isolated"] = finish(isolated)
+        results["root"] = workdir
+        return results
+
+    return (ref, src, cases, workdir / "inputs"), run
+
+
 @pytest.fixture(scope="module")
-def after_convert(converted, tmp_path_factory):
-    """The two runs that read the converted folder, side by side: `hf-gpt export`, and a Python that loads
-    it with trust_remote_code while hf_gpt cannot be imported."""
-    dst, _ = converted
-    root = tmp_path_factory.mktemp("after")
-    export = start("export", str(dst), str(root / "plain"))
-    env = dict(ENV, HF_MODULES_CACHE=str(root / "modules"))
-    isolated = subprocess.Popen(
-        [sys.executable, "-I", "-c", ISOLATED_LOAD, str(dst), str(root / "logits.pt")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    return {"export": finish(export), "isolated": finish(isolated), "root": root}
+def gpt2_50k():
+    ref, src, _, _ = early_prepared("cli_runs")
+    return ref, src
+
+
+@pytest.fixture(scope="module")
+def error_inputs():
+    """(name -> (command line, expected phrase in stderr), the folder holding the broken inputs)."""
+    _, _, cases, root = early_prepared("cli_runs")
+    return cases, root
+
+
+@pytest.fixture(scope="module")
+def cli_runs():
+    """name -> (CompletedProcess, DST) for the conversion and the broken input; "export" and "isolated" ->
+    CompletedProcess; "root" -> the folder of their outputs."""
+    return early_result("cli_runs")
+
+
+@pytest.fixture(scope="module")
+def converted(cli_runs):
+    proc, dst = cli_runs["convert gpt2"]
+    assert proc.returncode == 0, proc.stderr
+    return dst, proc
+
+
+@pytest.fixture(scope="module")
+def after_convert(converted, cli_runs):
+    """The two runs that read the converted folder: `hf-gpt export` (to root / "plain"), and a Python that loads it
+    with trust_remote_code while hf_gpt cannot be imported (its logits in root / "logits.pt")."""
+    return cli_runs
 
 
 @pytest.mark.slow

@@ -13,9 +13,11 @@ import importlib.util
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import early, early_prepared, early_result
 from test_remote_code import run_isolated
 
 from hf_gpt import GPTConfig, GPTForCausalLM, gpt2_tokenizer
@@ -97,9 +99,10 @@ def write_tasks(folder) -> None:
     (folder / "shakespeare_ppl.yaml").write_text(PPL_YAML.format(data=folder / "ppl.json"))
 
 
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory):
-    """(our model, tokenizer, lm_eval's results dict, its logged samples per task)."""
+@early("lm_eval_run")
+def run_lm_eval(work: Path):
+    """Prepared: the model folder and the task files. Run in the background (conftest's `early`): the `lm_eval`
+    command line in an isolated Python. Returns (model, tokenizer) and the output folder."""
     torch.manual_seed(0)
     # A GPT-2 preset at toy width: n_positions 1024 comes from the preset.
     model = GPTForCausalLM(GPTConfig.from_preset("gpt2", n_embd=32, n_layer=2, n_head=2)).eval()
@@ -108,25 +111,41 @@ def harness(tmp_path_factory):
             block.attn.c_attn.weight[: 2 * model.config.n_embd] *= 6.0
     # The tokenizer says nothing about length (transformers' "infinity"), so 1024 can only come from the config.
     tokenizer = gpt2_tokenizer(model_max_length=int(1e30))
-    work = tmp_path_factory.mktemp("lm_eval")
     model.save_pretrained(work / "model")
     tokenizer.save_pretrained(work / "model")
     write_tasks(work / "tasks")
     out = work / "out"
-    run_isolated(
-        """
-        import runpy, sys
-        sys.argv = ["lm_eval", "--model", "hf",
-                    "--model_args", "pretrained={model},trust_remote_code=True",
-                    "--tasks", "shakespeare_mc,shakespeare_ppl", "--include_path", {tasks!r},
-                    "--device", "cpu", "--batch_size", "8", "--output_path", {out!r}, "--log_samples"]
-        runpy.run_module("lm_eval", run_name="__main__")
-        """,
-        work,
-        model=work / "model",
-        tasks=str(work / "tasks"),
-        out=str(out),
-    )
+
+    def run() -> Path:
+        run_isolated(
+            """
+            import runpy, sys
+            sys.argv = ["lm_eval", "--model", "hf",
+                        "--model_args", "pretrained={model},trust_remote_code=True",
+                        "--tasks", "shakespeare_mc,shakespeare_ppl", "--include_path", {tasks!r},
+                        "--device", "cpu", "--batch_size", "8", "--output_path", {out!r}, "--log_samples"]
+            runpy.run_module("lm_eval", run_name="__main__")
+            """,
+            work,
+            model=work / "model",
+            tasks=str(work / "tasks"),
+            out=str(out),
+        )
+        return out
+
+    return (model, tokenizer), run
+
+
+@pytest.fixture(scope="module")
+def lm_eval_run():
+    return early_result("lm_eval_run")
+
+
+@pytest.fixture(scope="module")
+def harness(lm_eval_run):
+    """(our model, tokenizer, lm_eval's results dict, its logged samples per task)."""
+    model, tokenizer = early_prepared("lm_eval_run")
+    out = lm_eval_run
     (results_file,) = out.glob("*/results_*.json")
     results = json.loads(results_file.read_text())
     samples = {}

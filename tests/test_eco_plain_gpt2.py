@@ -10,9 +10,11 @@ gives the commands. llama.cpp's `convert_hf_to_gguf.py` (class GPT2Model) reads 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import early, early_prepared, early_result
 from test_remote_code import run_isolated
 from transformers import pipeline
 
@@ -23,41 +25,57 @@ PROMPT = "To be, or not to be"
 IDS = [[2514, 307, 11, 393, 407, 284, 307, 11, 326, 318, 262, 1808]]  # GPT-2 ids of a Shakespeare line
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """(our model, the plain folder `export_to_transformers` wrote)."""
+@early("vanilla_run")
+def run_vanilla_transformers(work: Path):
+    """Prepared: our model and its plain export. Run in the background (conftest's `early`): vanilla transformers
+    loads the export in an isolated Python and computes logits and greedy text."""
     torch.manual_seed(0)
     cfg = GPTConfig.from_preset("gpt2", n_positions=128, n_embd=32, n_layer=2, n_head=2, initializer_range=0.1)
     model = GPTForCausalLM(cfg).eval()
     with torch.no_grad():  # larger weights and peaked attention: greedy text varies with the context
         for block in model.transformer.h:
             block.attn.c_attn.weight[: 2 * model.config.n_embd] *= 6.0
-    work = tmp_path_factory.mktemp("plain_gpt2")
     assert export_to_transformers(model, work / "plain") == "gpt2"
-    return model, work / "plain"
+
+    def run() -> dict:
+        result = run_isolated(
+            """
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+            model = AutoModelForCausalLM.from_pretrained({folder!r}).eval()  # no trust_remote_code
+            RESULT["class"] = type(model).__module__ + "." + type(model).__name__
+            with torch.no_grad():
+                torch.save(model(torch.tensor({ids!r})).logits, {logits!r})
+            pipe = pipeline("text-generation", model=model, tokenizer=AutoTokenizer.from_pretrained({folder!r}))
+            RESULT["text"] = pipe({prompt!r}, max_new_tokens=20, do_sample=False)[0]["generated_text"]
+            """,
+            work,
+            folder=str(work / "plain"),
+            ids=IDS,
+            logits=str(work / "logits.pt"),
+            prompt=PROMPT,
+        )
+        result["logits"] = torch.load(work / "logits.pt")
+        return result
+
+    return (model, work / "plain"), run
+
+
+@pytest.fixture(scope="module")
+def exported():
+    """(our model, the plain folder `export_to_transformers` wrote)."""
+    return early_prepared("vanilla_run")
+
+
+@pytest.fixture(scope="module")
+def vanilla_run():
+    return early_result("vanilla_run")
 
 
 @pytest.mark.slow  # vanilla transformers runs in a fresh interpreter
-def test_export_loads_in_vanilla_transformers_with_same_outputs(exported, tmp_path):
-    model, folder = exported
-    result = run_isolated(
-        """
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
-        model = AutoModelForCausalLM.from_pretrained({folder!r}).eval()  # no trust_remote_code
-        RESULT["class"] = type(model).__module__ + "." + type(model).__name__
-        with torch.no_grad():
-            torch.save(model(torch.tensor({ids!r})).logits, {logits!r})
-        pipe = pipeline("text-generation", model=model, tokenizer=AutoTokenizer.from_pretrained({folder!r}))
-        RESULT["text"] = pipe({prompt!r}, max_new_tokens=20, do_sample=False)[0]["generated_text"]
-        """,
-        tmp_path,
-        folder=str(folder),
-        ids=IDS,
-        logits=str(tmp_path / "logits.pt"),
-        prompt=PROMPT,
-    )
-    result["logits"] = torch.load(tmp_path / "logits.pt")
+def test_export_loads_in_vanilla_transformers_with_same_outputs(exported, vanilla_run):
+    model, _ = exported
+    result = vanilla_run
     assert result["class"] == "transformers.models.gpt2.modeling_gpt2.GPT2LMHeadModel"
     with torch.no_grad():
         ours = model(torch.tensor(IDS)).logits

@@ -8,10 +8,12 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import early, early_prepared, early_result, sharpen_attention
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -140,51 +142,54 @@ def test_ours_equals_transformers_at_two_strides(family, gpt2_ref, gpt1_ref):
 # ---------------------------------------------------------------- the command line
 
 
-@pytest.fixture(scope="module")
-def gpt2_50k(tmp_path_factory):
-    """A tiny GPT-2 over the real GPT-2 vocabulary, saved by transformers without tokenizer files."""
-    from conftest import sharpen_attention
+def eval_ppl(*args: str) -> dict:
+    """`hf-gpt eval-ppl ARGS` as a command line; returns its JSON line."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "hf_gpt.cli", "eval-ppl", *args],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"),
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("perplexity ")
+    return json.loads(lines[-1])
 
+
+@early("eval_ppl_runs")
+def run_eval_ppl(work: Path):
+    """Prepared: a tiny GPT-2 over the real GPT-2 vocabulary, saved by transformers without tokenizer files, and a
+    text. Run in the background (conftest's `early`): `hf-gpt eval-ppl` at stride 32, for transformers' class and
+    for ours (each a fresh interpreter)."""
     torch.manual_seed(0)
     ref = GPT2LMHeadModel(GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=2, initializer_range=0.1)).eval()
     sharpen_attention(ref)
-    folder = tmp_path_factory.mktemp("gpt2_50k")
+    folder, text = work / "gpt2_50k", work / "text.txt"
     ref.save_pretrained(folder)
-    text = tmp_path_factory.mktemp("text") / "text.txt"
     text.write_text(TEXT, encoding="utf-8")
-    return folder, text
+
+    def run() -> tuple[dict, dict]:
+        args = [str(folder), str(text), "--stride", "32"]
+        return eval_ppl(*args), eval_ppl(*args, "--hf-gpt")
+
+    return (folder, text), run
 
 
-def eval_ppl(*commands: list[str]) -> list[dict]:
-    """`hf-gpt eval-ppl` with each argument list, as command lines started at once (each a fresh interpreter, seconds
-    of imports: side by side they use both cores). Returns each run's JSON line."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "hf_gpt.cli", "eval-ppl", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        for args in commands
-    ]
-    results = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err
-        lines = out.strip().splitlines()
-        assert lines[0].startswith("perplexity ")
-        results.append(json.loads(lines[-1]))
-    return results
+@pytest.fixture(scope="module")
+def gpt2_50k():
+    return early_prepared("eval_ppl_runs")
+
+
+@pytest.fixture(scope="module")
+def eval_ppl_runs():
+    return early_result("eval_ppl_runs")
 
 
 @pytest.mark.slow
-def test_eval_ppl_cli_same_for_ours_and_transformers(gpt2_50k, capsys):
+def test_eval_ppl_cli_same_for_ours_and_transformers(gpt2_50k, eval_ppl_runs, capsys):
     folder, text = gpt2_50k
-    theirs, ours = eval_ppl(
-        [str(folder), str(text), "--stride", "32"], [str(folder), str(text), "--stride", "32", "--hf-gpt"]
-    )
+    theirs, ours = eval_ppl_runs
     assert theirs["model_class"] == "GPT2LMHeadModel" and ours["model_class"] == "GPTForCausalLM"
     assert ours["perplexity"] == pytest.approx(theirs["perplexity"], rel=1e-4)
     assert ours["n_tokens"] == theirs["n_tokens"] > 300

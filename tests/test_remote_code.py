@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import early, early_result
 from test_cards import make_run_folder
 from transformers import pipeline
 
@@ -109,9 +110,10 @@ def run_isolated(script: str, workdir: Path, **values) -> dict:
     return result
 
 
-def publish(tmp_path_factory, head: str, work: Path) -> tuple[torch.nn.Module, Path]:
+def publish(head: str, work: Path) -> tuple[torch.nn.Module, Path]:
     """Save a run folder with hf_gpt, write its card, and copy it where a Hub user's download would land."""
-    run = tmp_path_factory.mktemp(f"run-{head}")
+    run = work / f"run-{head}"
+    run.mkdir()
     model = make_run_folder(run, head=head)
     write_card(run)
     folder = work / f"downloaded-gpt-{head}"
@@ -128,17 +130,18 @@ def usage_code(folder: Path) -> str:
     return code
 
 
-@pytest.fixture(scope="module")
-def published(tmp_path_factory):
-    """A language model and an entailment head, each published with its card, loaded through the Auto classes in
-    one clean interpreter (a second would only repeat its seconds of imports). Returns (the language model, the
-    head, the subprocess's RESULT, the tensors it saved)."""
-    work = tmp_path_factory.mktemp("user")
-    model, folder = publish(tmp_path_factory, "causal", work)
-    head, head_folder = publish(tmp_path_factory, "entailment", work)
+@early("published")
+def load_published_folders(work: Path):
+    """Prepared: a language model and an entailment head, each published with its card. Run in the background
+    (conftest's `early`): both loaded through the Auto classes in one clean interpreter (a second would only repeat
+    its seconds of imports). The result: (the language model, the head, the subprocess's RESULT, the tensors it
+    saved)."""
+    user = work / "user"
+    user.mkdir()
+    model, folder = publish("causal", user)
+    head, head_folder = publish("entailment", user)
     out_file = work / "outputs.pt"
-    result = run_isolated(
-        """
+    script = """
         import contextlib, io
         from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, pipeline
         folder = {folder!r}
@@ -163,8 +166,8 @@ def published(tmp_path_factory):
         with contextlib.redirect_stdout(printed):
             exec({head_snippet!r}, {{}})
         RESULT["head_snippet_output"] = printed.getvalue()
-        """,
-        work,
+        """
+    values = dict(
         folder=str(folder),
         head_folder=str(head_folder),
         ids=IDS,
@@ -173,7 +176,17 @@ def published(tmp_path_factory):
         snippet=usage_code(folder),
         head_snippet=usage_code(head_folder),
     )
-    return model, head, result, torch.load(out_file)
+
+    def run() -> tuple:
+        result = run_isolated(script, work, **values)
+        return model, head, result, torch.load(out_file)
+
+    return None, run
+
+
+@pytest.fixture(scope="module")
+def published():
+    return early_result("published")
 
 
 @pytest.fixture(scope="module")

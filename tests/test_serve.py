@@ -4,6 +4,7 @@ gets a 4xx with a message while the server keeps answering, and SIGTERM stops it
 
 from __future__ import annotations
 
+import atexit
 import http.client
 import importlib.util
 import json
@@ -14,9 +15,11 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import early, early_prepared, early_result
 
 from hf_gpt import GPTConfig, GPTForCausalLM, gpt2_tokenizer
 
@@ -39,10 +42,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """A small model folder (GPT-2 tokenizer beside it), `hf-gpt serve` on it, and an openai client."""
-    folder = tmp_path_factory.mktemp("serve") / "tiny-gpt"
+@early("server")
+def start_server(work: Path):
+    """Prepared: a small model folder (GPT-2 tokenizer beside it). Run in the background (conftest's `early`):
+    `hf-gpt serve` on it, up to its first healthy answer. Returns (process, port, log file)."""
+    folder = work / "tiny-gpt"
     torch.manual_seed(0)
     # initializer_range 0.3: greedy continuations that vary (at 0.02 a random model repeats one token).
     config = GPTConfig(n_positions=N_POSITIONS, n_embd=64, n_layer=2, n_head=2, initializer_range=0.3)
@@ -52,26 +56,52 @@ def served(tmp_path_factory):
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(folder)
 
-    port = free_port()
-    log = open(folder.parent / "server.log", "w+")  # noqa: SIM115 (closed below)
-    cmd = [sys.executable, "-m", "hf_gpt.cli", "serve", str(folder), "--port", str(port), "--log-level", "warning"]
-    proc = subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "NO_PROXY": "127.0.0.1", "OMP_NUM_THREADS": "1"}
-    )
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            assert proc.poll() is None, f"server exited with {proc.returncode}:\n{_tail(log)}"
-            assert time.monotonic() < deadline, f"server not up after {START_TIMEOUT_S} s:\n{_tail(log)}"
-            try:
-                status, _ = request(port, "GET", "/health")
-                if status == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.25)
-        import openai
+    def run() -> tuple[subprocess.Popen, int, object]:
+        port = free_port()
+        log = open(work / "server.log", "w+")  # noqa: SIM115 (closed by the fixture)
+        cmd = [sys.executable, "-m", "hf_gpt.cli", "serve", str(folder), "--port", str(port), "--log-level", "warning"]
+        env = {**os.environ, "NO_PROXY": "127.0.0.1", "OMP_NUM_THREADS": "1"}
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        atexit.register(stop, proc)  # should the session end before this module's tests run
+        try:
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while True:
+                assert proc.poll() is None, f"server exited with {proc.returncode}:\n{_tail(log)}"
+                assert time.monotonic() < deadline, f"server not up after {START_TIMEOUT_S} s:\n{_tail(log)}"
+                try:
+                    status, _ = request(port, "GET", "/health")
+                    if status == 200:
+                        return proc, port, log
+                except OSError:
+                    pass
+                time.sleep(0.25)
+        except BaseException:
+            stop(proc)
+            log.close()
+            raise
 
+    return (model, tokenizer, folder), run
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=STOP_TIMEOUT_S)
+
+
+@pytest.fixture(scope="module")
+def server():
+    return early_result("server")
+
+
+@pytest.fixture(scope="module")
+def served(server):
+    """The model, its tokenizer and folder, the `hf-gpt serve` process and an openai client on it."""
+    import openai
+
+    model, tokenizer, folder = early_prepared("server")
+    proc, port, log = server
+    try:
         client = openai.OpenAI(
             base_url=f"http://127.0.0.1:{port}/v1",
             api_key="unused",
@@ -81,9 +111,7 @@ def served(tmp_path_factory):
         )
         yield {"client": client, "model": model, "tok": tokenizer, "name": str(folder), "port": port, "proc": proc}
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=STOP_TIMEOUT_S)
+        stop(proc)
         log.close()
 
 
