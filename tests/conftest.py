@@ -139,8 +139,9 @@ def text_file(tmp_path_factory) -> Path:
 # callable that runs the subprocesses and returns the result. When the session starts, the work that selected tests
 # will need is prepared here, one job after another (the global RNG is restored after each, so the tests draw what
 # they drew before), and the subprocess parts run in one background thread, one at a time, on the other core,
-# while the tests go on. The modules that read such results run last, so that the work is done by then. A fixture
-# gets what was prepared with `early_prepared(name)` at once, and the result with `early_result(name)`.
+# while the tests go on. The modules that read such results run last, so that the work is done by then (a fixture
+# that must wait runs queued work itself meanwhile). A fixture gets what was prepared with `early_prepared(name)` at
+# once, and the result with `early_result(name)`.
 
 
 class _EarlyJob:
@@ -149,7 +150,14 @@ class _EarlyJob:
         self.prepared = self.result = self.error = self.run = None
         self.done = threading.Event()
         self.workdir: Path | None = None
-        self.queued = False
+        self.queued = False  # prepared, and in the background thread's list
+        self.claimed = False  # started, by the background thread or by a fixture
+
+    def claim(self) -> bool:
+        """Take this job to run it in the calling thread, unless another thread already has."""
+        with _early_lock:
+            taken, self.claimed = self.claimed, True
+        return not taken
 
     def start_preparing(self) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix=f"hf_gpt-{self.name}-"))
@@ -161,8 +169,6 @@ class _EarlyJob:
             self.done.set()
 
     def execute(self) -> None:
-        if self.done.is_set():
-            return
         try:
             self.result = self.run()
         except BaseException as e:
@@ -174,6 +180,7 @@ class _EarlyJob:
 _EARLY_WORK: dict[str, object] = {}  # fixture name -> prepare(workdir) -> (prepared, run)
 _early_jobs: dict[str, _EarlyJob] = {}
 _early_thread: threading.Thread | None = None
+_early_lock = threading.Lock()
 
 
 def early(name: str):
@@ -203,11 +210,18 @@ def early_prepared(name: str):
 
 
 def early_result(name: str):
-    """The result of the early work `name`, once its subprocesses have finished."""
+    """The result of the early work `name`, once its subprocesses have finished. While it is not done, this thread
+    runs it itself if it has not started, or else another job that has not (rather than leave its core idle)."""
     job = _early_job(name)
-    if not job.queued:
-        job.execute()
-    job.done.wait()
+    while not job.done.is_set():
+        if job.claim():
+            job.execute()
+            break
+        other = next((j for j in _early_jobs.values() if j.queued and not j.claimed and j.claim()), None)
+        if other is None:
+            job.done.wait()
+        else:
+            other.execute()
     if job.error is not None:
         raise job.error
     return job.result
@@ -250,12 +264,15 @@ def pytest_collection_finish(session):
 
     def work() -> None:
         while (job := ready.get()) is not None:
-            job.execute()
+            if job.claim():
+                job.execute()
 
     _early_thread = threading.Thread(target=work, name="early-work", daemon=True)
     _early_thread.start()
     for job in _early_jobs.values():  # each starts running as soon as it is prepared
         job.start_preparing()
+        if job.done.is_set():  # its preparation failed: the fixture reports it
+            continue
         job.queued = True
         ready.put(job)
     ready.put(None)
