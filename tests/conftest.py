@@ -131,6 +131,17 @@ def text_file(tmp_path_factory) -> Path:
     return path
 
 
+class LogitsOnly(torch.nn.Module):
+    """input_ids (B, T) -> logits (B, T, vocab): the forward an exported LM serves (torch.export, ONNX)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
 # ---------------------------------------------------------------- work started early, on the second core
 #
 # A fresh interpreter (hf-gpt convert, lm_eval, torchrun, the quick bench's children...) spends seconds importing

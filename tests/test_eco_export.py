@@ -13,6 +13,7 @@ import importlib.util
 
 import pytest
 import torch
+from conftest import LogitsOnly
 
 from hf_gpt import GPTConfig, GPTForCausalLM
 
@@ -23,17 +24,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 ATOL = 1e-4
-
-
-class LogitsOnly(torch.nn.Module):
-    """input_ids (B, T) -> logits (B, T, vocab): the forward an exported LM serves."""
-
-    def __init__(self, model: GPTForCausalLM) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, use_cache=False).logits
 
 
 @pytest.fixture(scope="module")

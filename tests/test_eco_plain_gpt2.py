@@ -55,7 +55,7 @@ def run_vanilla_transformers(work: Path):
             logits=str(work / "logits.pt"),
             prompt=PROMPT,
         )
-        result["logits"] = torch.load(work / "logits.pt")
+        result["logits"] = torch.load(work / "logits.pt", weights_only=True)
         return result
 
     return (model, work / "plain"), run

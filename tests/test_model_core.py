@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import LogitsOnly
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -968,14 +969,6 @@ def test_torch_export_matches_eager():
     """`torch.export` (what ONNX, ExecuTorch and AOTInductor build on; tests/test_eco_export.py takes it on to
     onnxruntime) of the LM forward on input_ids, with dynamic batch and length: traced at one shape, it gives the eager
     logits at others, batch 1 too (a graph that froze (B, T) would fail or differ)."""
-
-    class LogitsOnly(torch.nn.Module):
-        def __init__(self, model: GPTForCausalLM) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-            return self.model(input_ids=input_ids, use_cache=False).logits
 
     lm = LogitsOnly(tiny_model(n_layer=2)).eval()
     g = torch.Generator().manual_seed(1)

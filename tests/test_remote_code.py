@@ -179,7 +179,7 @@ def load_published_folders(work: Path):
 
     def run() -> tuple:
         result = run_isolated(script, work, **values)
-        return model, head, result, torch.load(out_file)
+        return model, head, result, torch.load(out_file, weights_only=True)
 
     return None, run
 
