@@ -10,6 +10,7 @@ speed and memory helpers (`Linear` and `Dropout` are `nn.Linear` and `nn.Dropout
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from typing import Unpack
 
 import torch
@@ -209,10 +210,8 @@ class GPTMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.c_fc(x)  # (B, T, 4C)
         a = self.act(h)
-        if not self.recompute:
-            return self.dropout(self.c_proj(a))
-        # Backward keeps h for the activation's gradient; c_proj's weight gradient gets `a` rebuilt from it.
-        with recompute_in_backward(a, lambda: self.act(h)):
+        # Wide models: backward keeps h for the activation's gradient; c_proj's weight gradient gets `a` rebuilt from it.
+        with recompute_in_backward(a, lambda: self.act(h)) if self.recompute else nullcontext():
             y = self.c_proj(a)
         return self.dropout(y)
 

@@ -13,7 +13,6 @@ which the next step takes again); jemalloc or tcmalloc (`LD_PRELOAD`) do the sam
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import platform
 
@@ -28,7 +27,7 @@ def keep_freed_memory_for_reuse() -> bool:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL("libc.so.6")  # glibc's soname (find_library would start ldconfig)
         done = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_CEILING))
     except (OSError, AttributeError):
         done = False
