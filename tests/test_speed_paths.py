@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 
 import hf_gpt
@@ -126,6 +127,7 @@ def test_training_keeps_freed_memory_in_the_heap_on_glibc():
     assert out == ["1", "True", "0"]
 
 
+@pytest.mark.slow  # a whole (tiny) hf-gpt train run
 def test_hf_gpt_train_on_cpu_sets_the_allocator_before_training(monkeypatch, tmp_path, text_file):
     """`hf-gpt train` on CPU calls `keep_freed_memory_for_reuse` once, before the first training step."""
     from transformers import TrainerCallback
