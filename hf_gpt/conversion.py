@@ -325,6 +325,23 @@ def foreign_checkpoint_to_ours(
     return config, state
 
 
+class LoadsGPT2Checkpoints:
+    """`from_pretrained` for the model classes: our own folders load as usual, GPT-2 and OpenAI-GPT checkpoints (a
+    folder or a Hub id) are converted as they load."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        converted = foreign_checkpoint_to_ours(pretrained_model_name_or_path, kwargs)
+        if converted is None:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        config, state_dict = converted
+        if model_args or isinstance(kwargs.get("config"), GPTConfig):
+            config = kwargs.pop("config", config)
+        else:
+            kwargs.pop("config", None)
+        return super().from_pretrained(None, *model_args, config=config, state_dict=state_dict, **kwargs)
+
+
 # ---------------------------------------------------------------------------------------------- writing
 
 
@@ -478,6 +495,7 @@ __all__ = [
     "CheckpointError",
     "load_checkpoint",
     "foreign_checkpoint_to_ours",
+    "LoadsGPT2Checkpoints",
     "plain_format",
     "export_to_transformers",
 ]

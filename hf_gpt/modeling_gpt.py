@@ -2,9 +2,10 @@
 
 In transformers' order: attention, MLP, block, GPTPreTrainedModel, GPTModel, GPTForCausalLM, the task heads. Parameter
 names follow OpenAI's GPT-2 (`wte`, `wpe`, `h.N.attn.c_attn`, `ln_f`, ...), stored as `nn.Linear` (out, in); GPT-2's
-`Conv1D` checkpoints are (in, out), so loading one is a key copy plus a transpose (`conversion.py`). `ops.py` holds the
-speed and memory helpers (`Linear` and `Dropout` are `nn.Linear` and `nn.Dropout` with faster CPU kernels),
-`interface.py` the input checks and what differs between transformers releases.
+`Conv1D` checkpoints are (in, out), so loading one is a key copy plus a transpose (`conversion.py`, which also gives
+`from_pretrained` its GPT-2 / OpenAI-GPT path). `ops.py` holds the speed and memory helpers (`Linear` and `Dropout` are
+`nn.Linear` and `nn.Dropout` with faster CPU kernels), `interface.py` the input checks, the attention masks of each
+layer type (from transformers' `masking_utils`) and what differs between transformers releases.
 """
 
 from __future__ import annotations
@@ -19,12 +20,6 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import (
-    create_causal_mask,
-    create_sliding_window_causal_mask,
-    find_packed_sequence_indices,
-    packed_sequence_mask_function,
-)
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
@@ -35,10 +30,11 @@ from transformers.modeling_outputs import (
     TokenClassifierOutput,
 )
 from transformers.modeling_utils import AttentionInterface
-from transformers.utils import TransformersKwargs
+from transformers.utils import TransformersKwargs, can_return_tuple
 
-from .configuration_gpt import LAYER_TYPES, GPTConfig
-from .interface import _CACHE_FIELD, _MASK_CACHE_ARG, as_returned, cache_argument, check_inputs
+from .configuration_gpt import GPTConfig
+from .conversion import LoadsGPT2Checkpoints
+from .interface import _CACHE_FIELD, cache_argument, check_inputs, check_labels, layer_masks
 from .ops import Dropout, Linear, causal_lm_loss, one_row_matmuls, recompute_in_backward
 
 _ACTIVATIONS = {
@@ -108,11 +104,9 @@ def sdpa_or_written_out_attention(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """ "sdpa" for this model: transformers' SDPA, except on CPU where attention written out is faster. Measured
-    per layer on the project's CPU (forward and backward): with attention dropout (SDPA has no fused CPU kernel for
-    it) GPT-2 small trains 38 vs 54 ms fp32, 28 vs 50 ms bf16; in bf16 without dropout SDPA's CPU backward is slow
-    too: 17.7 vs 36.8 ms for GPT-2 small (4 x 256 tokens), 1.8 vs 6.2 ms for the 4 x 128 model at 12 x 64 tokens;
-    a bf16 decoding step of 16 rows 0.5 vs 3.0 ms. Both take SDPA's masks (`masking_utils.sdpa_mask`)."""
+    """ "sdpa" for this model: transformers' SDPA, except on CPU where attention written out is faster (measured in
+    docs/speed.md): with attention dropout, which SDPA has no fused CPU kernel for, in bf16 training, whose SDPA
+    backward is slow on CPU, and bf16 decoding of several rows. Both take SDPA's masks (`masking_utils.sdpa_mask`)."""
     bf16 = query.dtype == torch.bfloat16
     bf16_training = bf16 and torch.is_grad_enabled() and query.requires_grad
     bf16_decoding_rows = bf16 and query.shape[2] == 1 and query.shape[0] > 1
@@ -164,15 +158,8 @@ class GPTAttention(nn.Module):
             # (`kwargs` go along: the paged cache of continuous batching reads its indices from them)
             k, v = cache.update(k, v, self.layer_idx, kwargs)  # (B, nh, Tk, hs)
 
-        implementation = self.config._attn_implementation
-        if output_attentions and implementation not in (None, "eager"):
-            # Only the written-out attention has probabilities to return; the masks of SDPA (and ours) suit it.
-            if implementation != "sdpa":
-                raise ValueError(
-                    f"output_attentions=True needs attn_implementation 'eager' or 'sdpa', not {implementation!r}: "
-                    "load the model with attn_implementation='eager' (or call model.set_attn_implementation('eager'))."
-                )
-            implementation = "eager"
+        # Only the written-out attention has probabilities to return (`check_inputs` made sure its masks suit it).
+        implementation = "eager" if output_attentions else self.config._attn_implementation
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         y, weights = attention(
             self,
@@ -246,7 +233,10 @@ class GPTBlock(GradientCheckpointingLayer):
         return x, weights
 
 
-class GPTPreTrainedModel(PreTrainedModel):
+class GPTPreTrainedModel(LoadsGPT2Checkpoints, PreTrainedModel):
+    """Weight initialisation and what transformers needs to know of the model. `from_pretrained` also takes GPT-2 and
+    OpenAI-GPT checkpoints, converted as they load (`LoadsGPT2Checkpoints`, in conversion.py)."""
+
     config_class = GPTConfig
     config: GPTConfig
     base_model_prefix = "transformer"
@@ -277,21 +267,6 @@ class GPTPreTrainedModel(PreTrainedModel):
             # GPT-2 paper, sec. 2.3: scale the residual projections by 1/sqrt(N), N = 2 residual adds per block.
             nn.init.normal_(module.c_proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """Load our own folders as usual, and also GPT-2 / OpenAI-GPT checkpoints (converted on the fly)."""
-        from .conversion import foreign_checkpoint_to_ours  # conversion imports this module
-
-        converted = foreign_checkpoint_to_ours(pretrained_model_name_or_path, kwargs)
-        if converted is None:
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        config, state_dict = converted
-        if model_args or isinstance(kwargs.get("config"), GPTConfig):
-            config = kwargs.pop("config", config)
-        else:
-            kwargs.pop("config", None)
-        return super().from_pretrained(None, *model_args, config=config, state_dict=state_dict, **kwargs)
-
 
 class GPTModel(GPTPreTrainedModel):
     """The transformer without a head: token + position embeddings, blocks, optional final LayerNorm."""
@@ -312,6 +287,7 @@ class GPTModel(GPTPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.wte = value
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -322,7 +298,6 @@ class GPTModel(GPTPreTrainedModel):
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         past_key_values: Cache | None = None,
         token_type_ids: torch.LongTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
@@ -340,11 +315,12 @@ class GPTModel(GPTPreTrainedModel):
             token_type_ids: (B, T) ids embedded with the token embedding and added, as in transformers' GPT-2.
         Returns:
             `BaseModelOutputWithPast` with `last_hidden_state` (B, T, C), the cache, and optionally
-            `hidden_states` (n_layer + 1 of (B, T, C)) and `attentions` (n_layer of (B, nh, T, Tk)).
+            `hidden_states` (n_layer + 1 of (B, T, C)) and `attentions` (n_layer of (B, nh, T, Tk)); its tuple
+            with `return_dict=False` (or `config.return_dict` False), as every forward here.
         """
         cfg = self.config
         cache = cache_argument(cache, past_key_values)
-        check_inputs(cfg, input_ids, inputs_embeds, attention_mask, position_ids, cache)
+        check_inputs(cfg, input_ids, inputs_embeds, attention_mask, position_ids, cache, output_attentions)
         output_attentions = output_attentions if output_attentions is not None else cfg.output_attentions
         output_hidden_states = output_hidden_states if output_hidden_states is not None else cfg.output_hidden_states
         use_cache = use_cache if use_cache is not None else (cfg.use_cache and not self.training)
@@ -372,7 +348,7 @@ class GPTModel(GPTPreTrainedModel):
         if token_type_ids is not None:
             x = x + self.wte(token_type_ids)
         x = self.drop(x)
-        masks = self.attention_masks(inputs_embeds, attention_mask, cache, past, given_positions)
+        masks = layer_masks(cfg, inputs_embeds, attention_mask, cache, past, given_positions)  # per layer type
 
         all_hidden = () if output_hidden_states else None
         all_attn = () if output_attentions else None
@@ -385,54 +361,12 @@ class GPTModel(GPTPreTrainedModel):
         x = self.ln_f(x)
         if output_hidden_states:
             all_hidden += (x,)
-        out = BaseModelOutputWithPast(
+        return BaseModelOutputWithPast(
             last_hidden_state=x,
             hidden_states=all_hidden,
             attentions=all_attn,
             **{_CACHE_FIELD: cache if use_cache else None},
         )
-        return as_returned(out, return_dict, cfg)
-
-    def attention_masks(
-        self,
-        inputs_embeds: torch.Tensor,
-        attention_mask: torch.Tensor | dict | None,
-        cache: Cache | None,
-        past: int | torch.Tensor,
-        position_ids: torch.Tensor | None,
-    ) -> dict[str, torch.Tensor | None]:
-        """The mask of each layer type in the form the attention implementation takes (transformers' `masking_utils`:
-        None where causality alone rules, a 4-D mask for SDPA / eager, a BlockMask for flex, the 2-D padding for
-        flash), following the padding, the cache (its length and, for local layers, its window), and padding-free
-        packed documents (position_ids restarting at 0 with no attention_mask)."""
-        if isinstance(attention_mask, dict):  # already made per layer type (continuous batching, static caches)
-            return attention_mask
-        if attention_mask is not None and attention_mask.dim() == 4:
-            # The caller's full mask. A static cache holds more slots than tokens seen so far: the empty ones after
-            # them may not be attended to.
-            max_len = cache.get_max_length() if isinstance(cache, Cache) else -1
-            if max_len > attention_mask.shape[-1]:
-                fill = False if attention_mask.dtype == torch.bool else torch.finfo(attention_mask.dtype).min
-                attention_mask = F.pad(attention_mask, (0, max_len - attention_mask.shape[-1]), value=fill)
-            mask = attention_mask if attention_mask.is_floating_point() else attention_mask.bool()
-            return dict.fromkeys(LAYER_TYPES.values(), mask)
-        args = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
-        if isinstance(cache, Cache) and not torch.compiler.is_compiling() and int(past) == 0:
-            if not cache.is_compileable:
-                # An empty dynamic cache sizes the masks as no cache would; passed as None, it lets masking_utils find
-                # padding-free packed documents (it looks only where there is no cache).
-                cache = None
-            elif attention_mask is None and position_ids is not None and inputs_embeds.shape[1] > 1:
-                # Into an empty static cache, packed documents are ours to find; its empty slots belong to none.
-                docs = find_packed_sequence_indices(position_ids.expand(inputs_embeds.shape[0], -1))
-                if docs is not None:
-                    docs = F.pad(docs, (0, cache.get_max_length() - docs.shape[1]), value=-1)
-                    args["and_mask_function"] = packed_sequence_mask_function(docs)
-        args.update({_MASK_CACHE_ARG: cache, "position_ids": position_ids})
-        masks = {"full_attention": create_causal_mask(**args)}
-        if self.config.sliding_window is not None:
-            masks["sliding_attention"] = create_sliding_window_causal_mask(**args)
-        return masks
 
 
 class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
@@ -448,6 +382,7 @@ class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -457,9 +392,6 @@ class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         past_key_values: Cache | None = None,
         token_type_ids: torch.LongTensor | None = None,
@@ -470,7 +402,8 @@ class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
             As `GPTModel.forward`, plus
             labels: (B, T) targets; the model shifts them by one. -100 is ignored.
             logits_to_keep: logits only for the last `n` positions (0 = all), or for those a 1-D index tensor names.
-            **kwargs: handed to the loss too (Trainer's `num_items_in_batch` makes gradient accumulation exact).
+            **kwargs: `output_attentions`, `output_hidden_states` for the transformer; the rest is handed to the loss
+                too (Trainer's `num_items_in_batch` makes gradient accumulation exact).
         Returns:
             `CausalLMOutputWithPast` with `logits` (B, T', vocab_size), and `loss` when labels are given. A training
             step (train mode, grad enabled) with labels gets the loss alone: `logits` is None.
@@ -484,17 +417,11 @@ class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
                 inputs_embeds=inputs_embeds,
                 token_type_ids=token_type_ids,
                 use_cache=use_cache,
-                output_attentions=output_attentions,
-                output_hidden_states=output_hidden_states,
                 return_dict=True,
                 **kwargs,
             )
             h = out.last_hidden_state  # (B, T, C)
-            if labels is not None and labels.shape != h.shape[:2]:
-                raise ValueError(
-                    f"labels has shape {tuple(labels.shape)}; expected {tuple(h.shape[:2])} like input_ids "
-                    "(the model shifts them by one itself; use -100 for positions to ignore)."
-                )
+            check_labels(labels, h)
             # A training step takes its loss straight from h a chunk at a time (`causal_lm_loss`): the (B, T, vocab)
             # logits are never made, as with transformers' Liger kernels. Evaluation gets logits as usual.
             loss_only = (
@@ -513,14 +440,13 @@ class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
                 logits = self.lm_head(h[:, keep, :])  # (B, T', vocab)
                 if labels is not None:
                     loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
-        result = CausalLMOutputWithPast(
+        return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             hidden_states=out.hidden_states,
             attentions=out.attentions,
             **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)},
         )
-        return as_returned(result, return_dict, self.config)
 
 
 def rows(t: torch.Tensor | None, dims: int = 3) -> torch.Tensor | None:
@@ -577,10 +503,10 @@ class GPTHeadModel(GPTPreTrainedModel):
         lm_loss = F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
         return loss + self.config.aux_lm_weight * lm_loss
 
-    def _output(self, output_class: type, out: BaseModelOutputWithPast, return_dict: bool | None, **fields):
-        """The head's `output_class` with the transformer's hidden states and attentions (or its tuple)."""
-        output = output_class(**fields, hidden_states=out.hidden_states, attentions=out.attentions)
-        return as_returned(output, return_dict, self.config)
+    @staticmethod
+    def _output(output_class: type, out: BaseModelOutputWithPast, **fields):
+        """The head's `output_class` with the transformer's hidden states and attentions."""
+        return output_class(**fields, hidden_states=out.hidden_states, attentions=out.attentions)
 
 
 class GPTForSequenceClassification(GPTHeadModel):
@@ -595,6 +521,7 @@ class GPTForSequenceClassification(GPTHeadModel):
         self.score = nn.Linear(config.n_embd, config.num_labels, bias=False)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -602,9 +529,6 @@ class GPTForSequenceClassification(GPTHeadModel):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         token_type_ids: torch.LongTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> SequenceClassifierOutputWithPast:
@@ -616,7 +540,6 @@ class GPTForSequenceClassification(GPTHeadModel):
         Returns:
             `SequenceClassifierOutputWithPast` with `logits` (B, num_labels).
         """
-        kwargs.update(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
         out = self._features(input_ids, attention_mask, position_ids, inputs_embeds, token_type_ids, **kwargs)
         pooled = self._pool(out.last_hidden_state, input_ids, inputs_embeds, attention_mask)  # (B, V, C)
         logits = self.score(pooled.sum(1))  # (B, num_labels)
@@ -624,7 +547,7 @@ class GPTForSequenceClassification(GPTHeadModel):
         if labels is not None:
             loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
             loss = self._with_aux_lm_loss(loss, out.last_hidden_state, input_ids, attention_mask)
-        return self._output(SequenceClassifierOutputWithPast, out, return_dict, loss=loss, logits=logits)
+        return self._output(SequenceClassifierOutputWithPast, out, loss=loss, logits=logits)
 
 
 class GPTForMultipleChoice(GPTHeadModel):
@@ -639,6 +562,7 @@ class GPTForMultipleChoice(GPTHeadModel):
         self.dropout = nn.Dropout(config.classifier_dropout)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -647,9 +571,6 @@ class GPTForMultipleChoice(GPTHeadModel):
         inputs_embeds: torch.Tensor | None = None,
         mc_token_ids: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         token_type_ids: torch.LongTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MultipleChoiceModelOutput:
@@ -664,7 +585,6 @@ class GPTForMultipleChoice(GPTHeadModel):
         given, dims = (input_ids, 3) if input_ids is not None else (inputs_embeds, 4)
         if given is not None and given.dim() != dims:  # (a (B, T) input would score a single choice, with loss 0)
             raise ValueError(f"Multiple choice takes one row per choice, (B, K, T); got shape {tuple(given.shape)}.")
-        kwargs.update(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
         out = self._features(input_ids, attention_mask, position_ids, inputs_embeds, token_type_ids, **kwargs)
         pooled = self._pool(out.last_hidden_state, input_ids, inputs_embeds, attention_mask, mc_token_ids)
         logits = self.multiple_choice_head(self.dropout(pooled)).squeeze(-1)  # (B, K)
@@ -672,7 +592,7 @@ class GPTForMultipleChoice(GPTHeadModel):
         if labels is not None:
             loss = F.cross_entropy(logits, labels)
             loss = self._with_aux_lm_loss(loss, out.last_hidden_state, input_ids, attention_mask)
-        return self._output(MultipleChoiceModelOutput, out, return_dict, loss=loss, logits=logits)
+        return self._output(MultipleChoiceModelOutput, out, loss=loss, logits=logits)
 
 
 class GPTForTokenClassification(GPTHeadModel):
@@ -685,6 +605,7 @@ class GPTForTokenClassification(GPTHeadModel):
         self.classifier = nn.Linear(config.n_embd, config.num_labels)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -692,18 +613,14 @@ class GPTForTokenClassification(GPTHeadModel):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         token_type_ids: torch.LongTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> TokenClassifierOutput:
         """labels: (B, T) class ids, -100 ignored. Returns `logits` (B, T, num_labels)."""
-        kwargs.update(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
         out = self._features(input_ids, attention_mask, position_ids, inputs_embeds, token_type_ids, **kwargs)
         logits = self.classifier(self.dropout(out.last_hidden_state))  # (B, T, num_labels)
         loss = None if labels is None else F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
-        return self._output(TokenClassifierOutput, out, return_dict, loss=loss, logits=logits)
+        return self._output(TokenClassifierOutput, out, loss=loss, logits=logits)
 
 
 class GPTForQuestionAnswering(GPTHeadModel):
@@ -714,6 +631,7 @@ class GPTForQuestionAnswering(GPTHeadModel):
         self.qa_outputs = nn.Linear(config.n_embd, 2)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -722,21 +640,16 @@ class GPTForQuestionAnswering(GPTHeadModel):
         inputs_embeds: torch.Tensor | None = None,
         start_positions: torch.LongTensor | None = None,
         end_positions: torch.LongTensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         token_type_ids: torch.LongTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> QuestionAnsweringModelOutput:
         """start_positions / end_positions: (B,). Returns `start_logits`, `end_logits` (B, T)."""
-        kwargs.update(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
         out = self._features(input_ids, attention_mask, position_ids, inputs_embeds, token_type_ids, **kwargs)
-        start_logits, end_logits = self.qa_outputs(out.last_hidden_state).unbind(-1)  # (B, T) each
+        start, end = self.qa_outputs(out.last_hidden_state).unbind(-1)  # (B, T) logits each
         loss = None
         if start_positions is not None and end_positions is not None:
-            loss = self.loss_function(start_logits, end_logits, start_positions, end_positions)
-        logits = dict(start_logits=start_logits, end_logits=end_logits)
-        return self._output(QuestionAnsweringModelOutput, out, return_dict, loss=loss, **logits)
+            loss = self.loss_function(start, end, start_positions, end_positions)
+        return self._output(QuestionAnsweringModelOutput, out, loss=loss, start_logits=start, end_logits=end)
 
 
 __all__ = [

@@ -19,6 +19,7 @@ from transformers import (
 )
 
 from hf_gpt import PRESETS, GPTConfig, GPTForCausalLM, GPTModel, modeling_gpt
+from hf_gpt.interface import layer_masks
 from hf_gpt.modeling_gpt import _CACHE_FIELD
 
 ATOL = 1e-5
@@ -416,7 +417,7 @@ def test_local_attention_equals_masked_reference(impl):
     assert model.config.sliding_window == 3 and model.config.layer_types == ["sliding_attention"]
     # The band as transformers' masking_utils draws it from `sliding_window`, for the implementation.
     model.config._attn_implementation = impl
-    mask = model.attention_masks(x, None, None, 0, torch.arange(T)[None])["sliding_attention"]
+    mask = layer_masks(model.config, x, None, None, 0, torch.arange(T)[None])["sliding_attention"]
     with torch.no_grad():  # (flex attention has no backward on CPU)
         got, _ = attn(x, mask)
     torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
