@@ -3,6 +3,7 @@ is imported only when used, so `hf-gpt --help` stays fast."""
 
 from __future__ import annotations
 
+import gc
 import importlib
 import sys
 
@@ -22,7 +23,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, as_program: bool = False) -> int:
+    """Run the subcommand `argv[0]` with the rest of `argv` (default: the command line); its exit status.
+
+    `as_program` (the `hf-gpt` program itself, not a caller in a longer-lived process): the modules imported and the
+    objects left at the end live until the process exits, so they are moved out of the garbage collector's sight
+    (`gc.freeze`). Each full collection during the command, and those Python makes while it shuts down, would
+    otherwise walk the hundreds of thousands of objects torch and transformers create on import: shutting down after
+    `hf-gpt train` took 1.6-1.8 s without this and 0.1-0.3 s with it on the project's 2-core CPU.
+    """
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         lines = [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
@@ -34,9 +43,18 @@ def main(argv: list[str] | None = None) -> int:
     target, _ = COMMANDS[argv[0]]
     module_name, func_name = target.split(":")
     func = getattr(importlib.import_module(module_name), func_name)
+    if as_program:
+        gc.freeze()
     result = func(argv[1:])
+    if as_program:
+        gc.freeze()
     return int(result or 0)
 
 
+def run() -> None:
+    """The `hf-gpt` program."""
+    sys.exit(main(as_program=True))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

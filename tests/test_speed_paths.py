@@ -1,11 +1,15 @@
 """The CPU training fast paths chosen by size and dtype (issue 18) compute what the plain paths compute."""
 
 import copy
+import gc
+import sys
+import types
 
 import pytest
 import torch
 
 import hf_gpt
+from hf_gpt import cli
 from hf_gpt.modeling_gpt import RECOMPUTE_ACTIVATION_MIN_WIDTH
 
 
@@ -149,3 +153,24 @@ def test_hf_gpt_train_on_cpu_sets_the_allocator_before_training(monkeypatch, tmp
     ]  # fmt: skip
     assert train_lm.main(argv, callbacks=[FirstStep()]) == 0
     assert events == ["allocator", "step", "step"]
+
+
+def test_the_program_keeps_its_imports_out_of_the_collectors_sight(monkeypatch):
+    """`hf-gpt` (`cli.run`) freezes what the command imported before running it, so full collections during the run and
+    at exit skip it; `cli.main` called from a longer-lived process (a test, a notebook) leaves the collector alone."""
+    seen = []
+    probe = types.ModuleType("hf_gpt_gc_probe")
+    probe.main = lambda argv: seen.append(gc.get_freeze_count()) or 0
+    monkeypatch.setitem(sys.modules, "hf_gpt_gc_probe", probe)
+    monkeypatch.setitem(cli.COMMANDS, "probe", ("hf_gpt_gc_probe:main", "records the frozen object count"))
+    monkeypatch.setattr(sys, "argv", ["hf-gpt", "probe"])
+    gc.unfreeze()
+    try:
+        assert cli.main(["probe"]) == 0
+        with pytest.raises(SystemExit) as exited:
+            cli.run()
+        assert exited.value.code == 0
+        assert gc.get_freeze_count() > 0  # frozen again after the command, for the shutdown
+    finally:
+        gc.unfreeze()
+    assert seen[0] == 0 and seen[1] > 10_000  # (the interpreter alone holds tens of thousands of objects)
