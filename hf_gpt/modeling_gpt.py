@@ -8,8 +8,6 @@ names follow OpenAI's GPT-2 (`wte`, `wpe`, `h.N.attn.c_attn`, `ln_f`, ...), stor
 layer type (from transformers' `masking_utils`) and what differs between transformers releases.
 """
 
-from __future__ import annotations
-
 import math
 from contextlib import nullcontext
 from typing import Unpack

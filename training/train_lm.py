@@ -323,4 +323,10 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if torch.distributed.is_initialized():
+        # A launched run (torchrun, accelerate launch) leaves its process group before exiting, as PyTorch asks: a
+        # gloo group torn down with the interpreter instead once aborted a process ("terminate called without an
+        # active exception") after a run had finished.
+        torch.distributed.destroy_process_group()
+    sys.exit(status)
