@@ -1,5 +1,5 @@
 """`hf-gpt`: one command line for the project's jobs. Each subcommand lives in its own module and
-is imported only when used, so `hf-gpt --help` stays fast."""
+is imported only when used (importing the `hf_gpt` package itself imports torch and transformers)."""
 
 from __future__ import annotations
 
