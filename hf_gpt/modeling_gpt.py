@@ -390,6 +390,8 @@ class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         past_key_values: Cache | None = None,
         token_type_ids: torch.LongTensor | None = None,
@@ -400,8 +402,7 @@ class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
             As `GPTModel.forward`, plus
             labels: (B, T) targets; the model shifts them by one. -100 is ignored.
             logits_to_keep: logits only for the last `n` positions (0 = all), or for those a 1-D index tensor names.
-            **kwargs: `output_attentions`, `output_hidden_states` for the transformer; the rest is handed to the loss
-                too (Trainer's `num_items_in_batch` makes gradient accumulation exact).
+            **kwargs: handed to the loss too (Trainer's `num_items_in_batch` makes gradient accumulation exact).
         Returns:
             `CausalLMOutputWithPast` with `logits` (B, T', vocab_size), and `loss` when labels are given. A training
             step (train mode, grad enabled) with labels gets the loss alone: `logits` is None.
@@ -415,6 +416,8 @@ class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
                 inputs_embeds=inputs_embeds,
                 token_type_ids=token_type_ids,
                 use_cache=use_cache,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
                 return_dict=True,
                 **kwargs,
             )

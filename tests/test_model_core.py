@@ -662,7 +662,8 @@ def test_training_loss_without_logits_equals_the_logits_path(
         out.loss.backward()
         return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    for kw in ({}, {"num_items_in_batch": torch.tensor(17)}):
+    # (PEFT's LoRA wrapper passes output_attentions=None, output_hidden_states=None with every call.)
+    for kw in ({}, {"num_items_in_batch": torch.tensor(17)}, {"output_attentions": None, "output_hidden_states": None}):
         fast, fast_grads = loss_and_grads(True, **kw)
         slow, slow_grads = loss_and_grads(False, **kw)
         # bf16: both paths round the same matmuls, but in different orders and chunks.
