@@ -11,6 +11,7 @@ import torch
 import hf_gpt
 from hf_gpt import cli
 from hf_gpt.modeling_gpt import RECOMPUTE_ACTIVATION_MIN_WIDTH
+from training import arguments, data, train_lm
 
 
 def _model(n_embd: int, **kw) -> hf_gpt.GPTForCausalLM:
@@ -174,3 +175,22 @@ def test_the_program_keeps_its_imports_out_of_the_collectors_sight(monkeypatch):
     finally:
         gc.unfreeze()
     assert seen[0] == 0 and seen[1] > 10_000  # (the interpreter alone holds tens of thousands of objects)
+
+
+def test_a_model_from_scratch_takes_the_exact_gelu_and_a_preset_or_checkpoint_keeps_its_own(tmp_path):
+    tok = data.char_tokenizer(["abc"])
+    scratch = train_lm.build_model(arguments.ModelArguments(n_embd=16, n_layer=1, n_head=2), 32, tok)
+    assert scratch.config.activation_function == "gelu"
+    assert isinstance(scratch.transformer.h[0].mlp.act, torch.nn.GELU) and scratch.transformer.h[0].mlp.act.approximate == "none"  # fmt: skip
+    chosen = arguments.ModelArguments(n_embd=16, n_layer=1, n_head=2, activation_function="gelu_new")
+    assert train_lm.build_model(chosen, 32, tok).config.activation_function == "gelu_new"
+    preset = arguments.ModelArguments(preset="gpt2", n_embd=16, n_layer=1, n_head=2)
+    assert train_lm.build_model(preset, 32, tok).config.activation_function == "gelu_new"  # GPT-2's tanh GELU
+    scratch.save_pretrained(tmp_path / "base")
+    finetune = arguments.ModelArguments(model_name_or_path=str(tmp_path / "base"))
+    assert train_lm.build_model(finetune, 32, tok).config.activation_function == "gelu"
+    finetune.activation_function = "relu"
+    with pytest.raises(ValueError, match="--activation_function applies to a model trained from scratch"):
+        train_lm.build_model(finetune, 32, tok)
+    with pytest.raises(ValueError, match="activation_function 'gelu_fast' is unknown"):
+        train_lm.build_model(arguments.ModelArguments(activation_function="gelu_fast"), 32, tok)

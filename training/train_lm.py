@@ -46,6 +46,7 @@ from training import data
 from training.allocator import keep_freed_memory_for_reuse
 from training.arguments import (
     DEFAULT_SIZES,
+    SCRATCH_ACTIVATION,
     DataArguments,
     ModelArguments,
     SampleArguments,
@@ -194,6 +195,11 @@ def build_model(margs: ModelArguments, block_size: int, tokenizer) -> hf_gpt.GPT
     p = margs.dropout if margs.dropout is not None else (None if margs.model_name_or_path else 0.0)
     dropout = {} if p is None else dict.fromkeys(("resid_pdrop", "embd_pdrop", "attn_pdrop"), p)
     if margs.model_name_or_path:
+        if margs.activation_function is not None:
+            raise ValueError(
+                "--activation_function applies to a model trained from scratch; a checkpoint keeps its own "
+                f"({margs.model_name_or_path}): drop the flag, or train from scratch without --model_name_or_path."
+            )
         model = hf_gpt.GPTForCausalLM.from_pretrained(margs.model_name_or_path)
         if vocab_size > model.config.vocab_size:
             raise ValueError(
@@ -209,7 +215,8 @@ def build_model(margs: ModelArguments, block_size: int, tokenizer) -> hf_gpt.GPT
                 if isinstance(m, torch.nn.Dropout):
                     m.p = v
         return model
-    sizes = {k: getattr(margs, k) for k in ("n_layer", "n_head", "n_embd", "n_inner") if getattr(margs, k) is not None}
+    fields = ("n_layer", "n_head", "n_embd", "n_inner", "activation_function")
+    sizes = {k: getattr(margs, k) for k in fields if getattr(margs, k) is not None}
     if margs.preset:
         config = hf_gpt.GPTConfig.from_preset(margs.preset, vocab_size=vocab_size, **ids, **dropout, **sizes)
         if block_size > config.n_positions:
@@ -217,9 +224,8 @@ def build_model(margs: ModelArguments, block_size: int, tokenizer) -> hf_gpt.GPT
                 f"--block_size {block_size} exceeds preset {margs.preset}'s n_positions {config.n_positions}."
             )
     else:
-        config = hf_gpt.GPTConfig(
-            vocab_size=vocab_size, n_positions=block_size, **{**DEFAULT_SIZES, **sizes}, **ids, **dropout
-        )
+        sizes = {**DEFAULT_SIZES, "activation_function": SCRATCH_ACTIVATION, **sizes}
+        config = hf_gpt.GPTConfig(vocab_size=vocab_size, n_positions=block_size, **sizes, **ids, **dropout)
     return hf_gpt.GPTForCausalLM(config)
 
 
