@@ -169,6 +169,14 @@ def _export(args: argparse.Namespace) -> str:
     dst = _check_paths(args.src, args.dst, args.overwrite)
     model, model_type, tokenizer = _load(args.src, ("hf_gpt", *FOREIGN_MODEL_TYPES), None)
     family = plain_format(model.config)  # refuses, before anything is written, what the format cannot express
+    if family == "gpt2" and model.config.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
+        logger.warning(
+            "%s uses activation_function=%r: transformers and vLLM compute it as the config says, but llama.cpp's "
+            "GPT-2 graph always computes GPT-2's tanh GELU, so a GGUF made from this export would compute something "
+            "else (train with --activation_function gelu_new for llama.cpp)",
+            args.src,
+            model.config.activation_function,
+        )
     dtype = DTYPES.get(args.dtype)
 
     def write(folder: Path) -> None:

@@ -367,3 +367,16 @@ def test_convert_hub_id(tmp_path):
     proc = finish(start("convert", "openai-community/gpt2", str(tmp_path / "gpt2"), env=dict(os.environ)))
     assert proc.returncode == 0, proc.stderr
     assert AutoTokenizer.from_pretrained(tmp_path / "gpt2")("Hello, I'm a language model,").input_ids == HELLO_IDS
+
+
+def test_export_of_an_exact_gelu_model_warns_that_llama_cpp_computes_the_tanh_form(tmp_path, capsys):
+    from hf_gpt.convert_cli import export_main
+
+    for activation in ("gelu", "gelu_new"):
+        src, dst = tmp_path / f"src-{activation}", tmp_path / f"plain-{activation}"
+        config = GPTConfig(vocab_size=50257, n_positions=16, n_embd=8, n_layer=1, n_head=2, activation_function=activation)  # fmt: skip
+        GPTForCausalLM(config).save_pretrained(src)
+        assert export_main([str(src), str(dst)]) == 0
+        err = capsys.readouterr().err
+        assert ("llama.cpp's GPT-2 graph always computes GPT-2's tanh GELU" in err) == (activation == "gelu"), err
+        assert json.loads((dst / "config.json").read_text())["activation_function"] == activation
