@@ -35,7 +35,8 @@ CPU_BF16_MIN_WIDTH = 64
 
 # The activation of a model trained from scratch without a --preset: the exact (erf) GELU rather than GPT-2's tanh
 # approximation (`gelu_new`), which PyTorch's CPU build computes slowly: forward and backward of 768 x 512 fp32 values
-# take 0.38 ms exact against 0.88 ms tanh on the project's CPU, so the main job's step is 5-8% faster (docs/speed.md).
+# take 0.38 ms exact against 0.88 ms tanh on the project's CPU, where the tanh form was 11% of a small model's step
+# (docs/speed.md).
 # Both export to the plain GPT-2 format (transformers and vLLM read `activation_function`); llama.cpp's GPT-2 graph
 # computes the tanh form whatever the config says.
 SCRATCH_ACTIVATION = "gelu"
