@@ -26,6 +26,7 @@ VARIANTS = {
     "gpt2": dict(),
     "gpt1": dict(norm_position="post", final_norm=False),
     "gpt3": dict(attention_pattern=["global", "local"], local_window=8),
+    "exact-gelu": dict(activation_function="gelu"),  # what `hf-gpt train` gives a model from scratch
 }
 PROMPTS = ["Hello, I'm a language model,", "To be, or not to be", "The quick brown fox"]
 NEW_TOKENS = 16
