@@ -194,3 +194,22 @@ def test_a_model_from_scratch_takes_the_exact_gelu_and_a_preset_or_checkpoint_ke
         train_lm.build_model(finetune, 32, tok)
     with pytest.raises(ValueError, match="activation_function 'gelu_fast' is unknown"):
         train_lm.build_model(arguments.ModelArguments(activation_function="gelu_fast"), 32, tok)
+
+
+@pytest.mark.parametrize(
+    ("n_embd", "from_scratch", "flags", "lr"),
+    [
+        (128, True, [], arguments.SMALL_MODEL_LR),  # the main job's model
+        (arguments.SMALL_MODEL_MAX_WIDTH + 32, True, [], arguments.LEARNING_RATE),  # wider ones want less
+        (128, False, [], arguments.LEARNING_RATE),  # fine-tuning
+        (128, True, ["--learning_rate", "1e-3"], 1e-3),  # given: kept
+        (768, False, ["--learning_rate", "5e-5"], 5e-5),
+    ],
+)
+def test_the_default_learning_rate_follows_the_models_width_and_a_given_one_is_kept(n_embd, from_scratch, flags, lr):
+    targs = arguments.parse_args(["--report_to", "none", *flags])[3]
+    config = hf_gpt.GPTConfig(vocab_size=65, n_positions=64, n_layer=2, n_head=4, n_embd=n_embd)
+    targs.choose_learning_rate(config, from_scratch=from_scratch)
+    assert targs.learning_rate == lr and arguments.SMALL_MODEL_LR != arguments.LEARNING_RATE
+    targs.choose_learning_rate(hf_gpt.GPTConfig(vocab_size=65, n_embd=1024, n_layer=1, n_head=4), from_scratch=True)
+    assert targs.learning_rate == lr  # settled once

@@ -33,6 +33,16 @@ SHAKESPEARE_PROMPTS = ["ROMEO.\n", "KING HENRY.\n", "First Citizen.\n"]
 # CPUs with it keep bf16 at every width.
 CPU_BF16_MIN_WIDTH = 64
 
+# The default learning rate: SMALL_MODEL_LR for models trained from scratch at most SMALL_MODEL_MAX_WIDTH wide (the main
+# job's model is 128), LEARNING_RATE (the earlier default for all) for wider ones and for fine-tuning. The main job's
+# model after 800 steps (seeds 1337 / 1 / 2, one thread): validation loss 1.7493 / 1.7496 / 1.7464 at 6e-3, 1.7558 at
+# 8e-3, 1.7575 / 1.7747 at 5e-3, 1.7835 at 4e-3; 1,200 steps at 2e-3 reached 1.7909 (at 4e-3 1.6603); 700 steps at
+# 5e-3 1.8007; 600 steps at 6e-3 1.8486, at 1e-2 it stalled at 2.49. Wider models want less: 6 layers of 256 with a
+# 4,096-token BPE, after 300 steps: 5.2576 at 2e-3 against 5.7159 at 6e-3 (docs/training.md).
+SMALL_MODEL_LR = 6e-3
+SMALL_MODEL_MAX_WIDTH = 128
+LEARNING_RATE = 2e-3
+
 # The activation of a model trained from scratch without a --preset: the exact (erf) GELU rather than GPT-2's tanh
 # approximation (`gelu_new`), which PyTorch's CPU build computes slowly: forward and backward of 768 x 512 fp32 values
 # take 0.38 ms exact against 0.88 ms tanh on the project's CPU, where the tanh form was 11% of a small model's step
@@ -143,14 +153,17 @@ class LMTrainingArguments(TrainingArguments):
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Train afresh in a folder that holds an earlier run (its checkpoints go)."}
     )
-    # The main job's schedule; every one can be overridden on the command line. Validation loss of the main job's
-    # model after 800 steps (seeds 1337 / 1 / 2): 1.7493 / 1.7496 / 1.7464 at lr 6e-3, 1.7558 at 8e-3, 1.7575 / 1.7747
-    # at 5e-3, 1.7835 at 4e-3; the earlier default, 1,200 steps at 2e-3, reached 1.7909 (1.6603 at 4e-3). 700 steps at
-    # 5e-3 reached 1.8007, 600 steps at 6e-3 1.8486 and at 1e-2 stalled at 2.49 (docs/training.md).
+    learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": f"Peak learning rate. Default {SMALL_MODEL_LR:g} for a model trained from scratch at most "
+            f"{SMALL_MODEL_MAX_WIDTH} wide (the main job's), {LEARNING_RATE:g} for wider ones and for fine-tuning."
+        },
+    )
+    # The main job's schedule; every one can be overridden on the command line.
     max_steps: int = 800
     per_device_train_batch_size: int = 24
     per_device_eval_batch_size: int = 32
-    learning_rate: float = 6e-3
     lr_scheduler_type: str = "cosine"
     warmup_steps: float = 0.05
     weight_decay: float = 0.1
@@ -185,6 +198,10 @@ class LMTrainingArguments(TrainingArguments):
         if accelerator is None:
             # Without it Trainer ignores an initialised gloo group: every process would train alone.
             self.use_cpu = True
+        # The default learning rate is settled by `choose_learning_rate` once the model is built.
+        self.learning_rate_from_model = self.learning_rate is None
+        if self.learning_rate is None:
+            self.learning_rate = SMALL_MODEL_LR
         # 'auto' on a CPU whose bf16 pays only for wide models is settled by `choose_precision` once the model
         # is built (fp32 until then).
         self.precision_from_model = False
@@ -194,6 +211,14 @@ class LMTrainingArguments(TrainingArguments):
         elif self.precision != "auto":
             self.bf16, self.fp16 = self.precision == "bf16", self.precision == "fp16"
         super().__post_init__()
+
+    def choose_learning_rate(self, config: hf_gpt.GPTConfig, from_scratch: bool) -> None:
+        """Settle a learning rate not given: `SMALL_MODEL_LR` for a model trained from scratch at most
+        `SMALL_MODEL_MAX_WIDTH` wide, `LEARNING_RATE` otherwise."""
+        if self.learning_rate_from_model:
+            small = from_scratch and config.n_embd <= SMALL_MODEL_MAX_WIDTH
+            self.learning_rate = SMALL_MODEL_LR if small else LEARNING_RATE
+            self.learning_rate_from_model = False
 
     def choose_precision(self, config: hf_gpt.GPTConfig) -> None:
         """Settle `--precision auto` on a CPU with AVX512-BF16 (and no AMX): bf16 autocast for models of width

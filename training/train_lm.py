@@ -277,6 +277,7 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     set_seed(targs.seed)
     model = build_model(margs, dargs.block_size, tokenizer)
     set_generation_defaults(model, tokenizer, sargs)
+    targs.choose_learning_rate(model.config, from_scratch=not margs.model_name_or_path)
     targs.choose_precision(model.config)
     precision = "bf16" if targs.bf16 else "fp16" if targs.fp16 else "fp32"
     info = run_info(
