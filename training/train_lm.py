@@ -216,16 +216,16 @@ def build_model(margs: ModelArguments, block_size: int, tokenizer) -> hf_gpt.GPT
                     m.p = v
         return model
     fields = ("n_layer", "n_head", "n_embd", "n_inner", "activation_function")
-    sizes = {k: getattr(margs, k) for k in fields if getattr(margs, k) is not None}
+    given = {k: getattr(margs, k) for k in fields if getattr(margs, k) is not None}
     if margs.preset:
-        config = hf_gpt.GPTConfig.from_preset(margs.preset, vocab_size=vocab_size, **ids, **dropout, **sizes)
+        config = hf_gpt.GPTConfig.from_preset(margs.preset, vocab_size=vocab_size, **ids, **dropout, **given)
         if block_size > config.n_positions:
             raise ValueError(
                 f"--block_size {block_size} exceeds preset {margs.preset}'s n_positions {config.n_positions}."
             )
     else:
-        sizes = {**DEFAULT_SIZES, "activation_function": SCRATCH_ACTIVATION, **sizes}
-        config = hf_gpt.GPTConfig(vocab_size=vocab_size, n_positions=block_size, **sizes, **ids, **dropout)
+        shape = {**DEFAULT_SIZES, "activation_function": SCRATCH_ACTIVATION, **given}
+        config = hf_gpt.GPTConfig(vocab_size=vocab_size, n_positions=block_size, **shape, **ids, **dropout)
     return hf_gpt.GPTForCausalLM(config)
 
 
