@@ -213,3 +213,30 @@ def test_the_default_learning_rate_follows_the_models_width_and_a_given_one_is_k
     assert targs.learning_rate == lr and arguments.SMALL_MODEL_LR != arguments.LEARNING_RATE
     targs.choose_learning_rate(hf_gpt.GPTConfig(vocab_size=65, n_embd=1024, n_layer=1, n_head=4), from_scratch=True)
     assert targs.learning_rate == lr  # settled once
+
+
+@pytest.mark.slow  # a whole (tiny) hf-gpt train run
+def test_hf_gpt_train_trains_with_the_learning_rate_its_model_settles(tmp_path, text_file):
+    """A model wider than `SMALL_MODEL_MAX_WIDTH` from scratch: the optimizer starts at `LEARNING_RATE`, not at the
+    placeholder `SMALL_MODEL_LR` the arguments hold until the model is built."""
+    import json
+
+    from transformers import TrainerCallback
+
+    lrs = []
+
+    class FirstStep(TrainerCallback):
+        def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+            lrs.append((args.learning_rate, optimizer.param_groups[0]["initial_lr"]))
+
+    run = tmp_path / "run"
+    argv = [
+        "--output_dir", str(run), "--train_file", str(text_file), "--data_cache_dir", str(tmp_path / "cache"),
+        "--n_layer", "1", "--n_head", "2", "--n_embd", str(arguments.SMALL_MODEL_MAX_WIDTH + 32), "--block_size", "16",
+        "--max_steps", "1", "--eval_strategy", "no", "--eval_on_start", "false", "--save_strategy", "no",
+        "--num_samples", "0", "--report_to", "none",
+    ]  # fmt: skip
+    assert train_lm.main(argv, callbacks=[FirstStep()]) == 0
+    assert lrs == [(arguments.LEARNING_RATE, arguments.LEARNING_RATE)]
+    info = json.loads((run / "run_info.json").read_text())
+    assert info["training_args"]["learning_rate"] == arguments.LEARNING_RATE
