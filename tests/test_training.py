@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 import hf_gpt
-from training import arguments, data, train_lm
+from training import arguments, data, report, train_lm
 from training.trainer import LMTrainer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -248,6 +248,29 @@ def test_weight_decay_goes_to_matrices_only(tmp_path):
     assert decayed == {n for n, p in model.named_parameters() if p.dim() == 2}
     assert {"transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.attn.c_attn.weight"} <= decayed
     assert not decayed & {n for n in names if n.endswith("bias") or ".ln_" in n}
+
+
+def test_samples_are_drawn_in_one_batch_as_each_prompt_alone_would_be(monkeypatch):
+    """The prompts, of different lengths, go through `generate` together, padded on the left; with top-k 1 each
+    sample must be what that prompt alone continues to (a padded row that attends to its padding, or counts
+    positions from it, differs), and the padding must not reach the text."""
+    texts = ["ROMEO.\nWhat light through yonder window breaks?\n", "KING HENRY.\nOnce more unto the breach.\n"]
+    tokenizer = data.char_tokenizer(texts, model_max_length=48)
+    torch.manual_seed(0)
+    config = hf_gpt.GPTConfig(vocab_size=len(tokenizer), n_positions=48, n_embd=32, n_layer=2, n_head=2)
+    model = hf_gpt.GPTForCausalLM(config).eval()
+    calls = []
+    generate = model.generate
+    monkeypatch.setattr(model, "generate", lambda *a, **k: calls.append(a[0].shape) or generate(*a, **k))
+    prompts = ["ROMEO.\n", "KING HENRY.\nOnce", "O"]
+    sargs = arguments.SampleArguments(num_samples=3, sample_max_new_tokens=20, sample_top_k=1)
+    together = report.generate_samples(model, tokenizer, sargs, prompts, seed=0)
+    assert calls == [(3, len(prompts[1]))]
+    for prompt, sample in zip(prompts, together, strict=True):
+        alone = report.generate_samples(model, tokenizer, sargs, [prompt], seed=0)[0]
+        assert sample.startswith(prompt) and tokenizer.pad_token not in sample
+        # (Each row gets sample_max_new_tokens: max_length counts from the longest prompt.)
+        assert len(sample) == len(prompt) + 20 and sample == alone, (prompt, sample, alone)
 
 
 def test_clear_errors_for_short_or_missing_text(tmp_path, datasets_cache):

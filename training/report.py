@@ -65,28 +65,33 @@ def hardware() -> str:
 
 
 def generate_samples(model, tokenizer, sargs: SampleArguments, prompts: list[str], seed: int) -> list[str]:
-    """`num_samples` texts (prompt + continuation) sampled from the trained model."""
+    """`num_samples` texts (prompt + continuation) sampled from the trained model, all in one batch (the prompts
+    padded on the left): one forward a token for all of them, not one for each."""
     model.eval()
     set_seed(seed)
     n_positions = model.config.n_positions
-    samples = []
+    rows = []
     for i in range(sargs.num_samples):
-        prompt = prompts[i % len(prompts)]
-        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
-        ids = ids[-(n_positions - 1) :]
-        input_ids = torch.tensor([ids], device=model.device)
-        with torch.no_grad():
-            out = model.generate(
-                input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                do_sample=True,
-                temperature=sargs.sample_temperature,
-                top_k=sargs.sample_top_k,
-                max_length=min(len(ids) + sargs.sample_max_new_tokens, n_positions),
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        samples.append(tokenizer.decode(out[0], skip_special_tokens=True))
-    return samples
+        ids = tokenizer(prompts[i % len(prompts)], add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
+        rows.append(ids[-(n_positions - 1) :])
+    width = max(len(ids) for ids in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in rows], device=model.device)
+    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in rows], device=model.device)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids,
+            attention_mask=attention_mask,
+            do_sample=True,
+            temperature=sargs.sample_temperature,
+            top_k=sargs.sample_top_k,
+            max_length=min(width + sargs.sample_max_new_tokens, n_positions),
+            pad_token_id=pad,
+        )
+    # Each row without its left padding; a row that ended early is padded after its end, which decode drops.
+    return [
+        tokenizer.decode(row[width - len(ids) :], skip_special_tokens=True) for row, ids in zip(out, rows, strict=True)
+    ]
 
 
 def plot_loss_curve(history: list[dict], path: Path, title: str) -> None:
