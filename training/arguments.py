@@ -40,10 +40,10 @@ CPU_BF16_MIN_WIDTH = 64
 
 # The default learning rate: SMALL_MODEL_LR for models trained from scratch at most SMALL_MODEL_MAX_WIDTH wide (the main
 # job's model is 128), LEARNING_RATE (the earlier default for all) for wider ones and for fine-tuning. The main job's
-# model after 800 steps (seeds 1337 / 1 / 2, one thread): validation loss 1.7493 / 1.7496 / 1.7464 at 6e-3, 1.7558 at
-# 8e-3, 1.7575 / 1.7747 at 5e-3, 1.7835 at 4e-3; 1,200 steps at 2e-3 reached 1.7909 (at 4e-3 1.6603); 700 steps at
-# 5e-3 1.8007; 600 steps at 6e-3 1.8486, at 1e-2 it stalled at 2.49. Wider models want less: 6 layers of 256 with a
-# 4,096-token BPE, after 300 steps: 5.2576 at 2e-3 against 5.7159 at 6e-3 (docs/training.md).
+# earlier 4-layer model after 800 steps (seeds 1337 / 1 / 2, one thread): validation loss 1.7493 / 1.7496 / 1.7464
+# at 6e-3, 1.7558 at 8e-3, 1.7575 / 1.7747 at 5e-3, 1.7835 at 4e-3; 1,200 steps at 2e-3 reached 1.7909 (at 4e-3
+# 1.6603); 700 steps at 5e-3 1.8007; 600 steps at 6e-3 1.8486, at 1e-2 it stalled at 2.49. Wider models want less:
+# 6 layers of 256 with a 4,096-token BPE, after 300 steps: 5.2576 at 2e-3 against 5.7159 at 6e-3 (docs/training.md).
 SMALL_MODEL_LR = 6e-3
 SMALL_MODEL_MAX_WIDTH = 128
 LEARNING_RATE = 2e-3
