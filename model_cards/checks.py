@@ -43,15 +43,16 @@ def _class_ref(cls: type) -> str:
 
 def registered_auto_map() -> dict[str, str]:
     """`auto_map` entries for every Auto class that hf_gpt's classes are registered with."""
-    import transformers
+    from transformers.models.auto import modeling_auto
 
     import hf_gpt
 
     entries = {"AutoConfig": _class_ref(hf_gpt.GPTConfig)}
-    for name in sorted(dir(transformers)):
+    # (the Auto classes from their own module: `dir(transformers)` lists the whole lazy package, 0.2-0.3 s)
+    for name in sorted(modeling_auto.__all__):
         if not name.startswith("AutoModel"):
             continue
-        mapping = getattr(getattr(transformers, name, None), "_model_mapping", None)
+        mapping = getattr(getattr(modeling_auto, name, None), "_model_mapping", None)
         if mapping is None:
             continue
         try:

@@ -109,8 +109,11 @@ def test_tokenize_and_group_pack_documents_into_full_blocks():
     eos = tok.eos_token_id
     tokenized = data.tokenize_function(tok)({"text": ["abc", "defgh"]})
     a, b = (tok.convert_tokens_to_ids(list(s)) for s in ("abc", "defgh"))
-    assert tokenized["input_ids"] == [a + [eos], b + [eos]]
-    blocks = data.group_function(4)(tokenized)
+    assert [ids.tolist() for ids in tokenized["input_ids"]] == [a + [eos], b + [eos]]
     stream = a + [eos] + b + [eos]  # 10 tokens -> two blocks of 4, tail of 2 dropped
-    assert blocks["input_ids"] == [stream[:4], stream[4:8]]
-    assert blocks["labels"] == blocks["input_ids"]
+    # The documents as `map` hands them over: numpy arrays from the pipeline, lists from a user's own call.
+    for docs in (tokenized["input_ids"], [a + [eos], b + [eos]]):
+        blocks = data.group_function(4)({"input_ids": docs})
+        assert blocks["input_ids"].tolist() == [stream[:4], stream[4:8]]
+        assert blocks["labels"].tolist() == blocks["input_ids"].tolist()
+    assert data.group_function(4)({"input_ids": [a]})["input_ids"].shape == (0, 4)  # shorter than a block: none

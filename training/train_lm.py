@@ -160,7 +160,10 @@ def pack_datasets(raw, tokenizer, args: DataArguments, text_column: str):
         desc="Tokenising",
         **common,
     )
-    lm = tokenized.map(data.group_function(args.block_size), desc=f"Packing into blocks of {args.block_size}", **common)
+    # (read as numpy arrays, not lists of Python ints; the blocks are read as lists again)
+    packing = f"Packing into blocks of {args.block_size}"
+    lm = tokenized.with_format("numpy").map(data.group_function(args.block_size), desc=packing, **common)
+    lm = lm.with_format(None)
     for split in ("train", "validation"):
         if len(lm[split]) == 0:
             n = sum(len(ids) for ids in tokenized[split]["input_ids"])
