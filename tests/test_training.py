@@ -79,6 +79,11 @@ def test_tiny_run_on_the_shakespeare_corpus(tmp_path, datasets_cache):
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-20", "checkpoint-40"]
     logged = [json.loads(line) for line in (out / "logs.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if "loss" in r] == sorted(losses)
+    # Evaluated on the 64 blocks at steps 0 and 20; at the last step only on the whole held-out split.
+    evals = [h for h in json.loads((out / "log_history.json").read_text()) if "eval_loss" in h]
+    assert [h["step"] for h in evals] == [0, 20, 40] and evals[-1]["eval_loss"] == m["eval_loss"]
+    assert evals[0]["eval_samples_per_second"] * evals[0]["eval_runtime"] == pytest.approx(64, rel=0.05)
+    assert evals[-1]["eval_samples_per_second"] * evals[-1]["eval_runtime"] > 5000
 
     model = AutoModelForCausalLM.from_pretrained(out)
     assert isinstance(model, hf_gpt.GPTForCausalLM) and model.config.n_positions == 32

@@ -184,7 +184,9 @@ def report_written(out: Path, step: int) -> bool:
 def final_evaluation(trainer: Trainer, eval_ds, full_eval) -> dict:
     """The held-out split in full at the final step: the last evaluation logged if it was exactly that, else a new one."""
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
-    if eval_ds is full_eval and evals and evals[-1]["step"] == trainer.state.global_step:
+    step = trainer.state.global_step
+    in_full = eval_ds is full_eval or getattr(trainer, "full_eval_step", None) == step  # (see LMTrainer)
+    if in_full and evals and evals[-1]["step"] == step:
         return evals[-1]
     return trainer.evaluate(eval_dataset=full_eval)
 

@@ -306,6 +306,8 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    if eval_ds is not full_eval and not targs.load_best_model_at_end:  # (best-model picks compare like with like)
+        trainer.full_eval_dataset = full_eval
     resumed_at, end = checkpoint_step(resume), trainer.final_step()
     if resumed_at >= end:  # the run finished already: Trainer would train one step more
         if report_written(out, resumed_at):

@@ -34,6 +34,18 @@ class LMTrainer(Trainer):
     only complete (written aside, then renamed), and a stop with `NonFiniteLossError` when the loss is not finite."""
 
     _staging = False  # True while Trainer writes a checkpoint: `_get_output_dir` then points into STAGING
+    # The whole held-out split, when the evaluations during training use fewer blocks (--max_eval_samples): the
+    # evaluation Trainer runs at the step training ends uses it, as the report would right after; `full_eval_step`
+    # records that step. (An evaluation in its place, not after it: each evaluation draws a seed from torch's RNG,
+    # and a run resumed from that step's checkpoint must continue as the uninterrupted run.)
+    full_eval_dataset = None
+    full_eval_step: int | None = None
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        if eval_dataset is None and self.full_eval_dataset is not None and self.control.should_training_stop:
+            self.full_eval_step = self.state.global_step
+            eval_dataset = self.full_eval_dataset
+        return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
 
     def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
         # Decay every parameter with two or more dimensions (the matmul weights and the embeddings, tied
