@@ -443,7 +443,7 @@ def group_function(block_size: int) -> Callable[[dict], dict]:
     """
 
     def group(batch: dict) -> dict:
-        # With numpy, not Python lists: on the Shakespeare text the tokenising and packing maps took 0.29 s
+        # With numpy, not Python lists: on nanoGPT's tiny-shakespeare the tokenising and packing maps took 0.44 s
         # against 0.94 s (most of it Arrow converting lists of Python ints).
         rows = [np.asarray(ids, dtype=np.int32) for ids in batch["input_ids"]]
         ids = np.concatenate(rows) if rows else np.empty(0, dtype=np.int32)
